@@ -1,0 +1,51 @@
+"""``cdp-fl``: the command-line interface (thin: each command calls the library)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..errors import CDPFederatedError
+
+app = typer.Typer(
+    name="cdp-fl",
+    help="Federated learning for Customer Data Platforms: ingest events, check consent, train "
+    "across parties without moving rows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from . import data, demo  # noqa: F401 - commands register on import
+
+    from ..plugins import make_plugin_manager
+
+    try:
+        make_plugin_manager().hook.cdp_register_cli_commands(app=app)
+    except CDPFederatedError as exc:
+        typer.echo(f"warning: plugins not loaded: {exc}", err=True)
+
+
+def main() -> None:
+    """Console entry point: typed errors become one line on stderr and exit code 2."""
+    _register()
+    try:
+        app(standalone_mode=False)
+    except CDPFederatedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

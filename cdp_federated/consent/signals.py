@@ -1,0 +1,110 @@
+"""Consent signals carried by Segment-spec events, turned into ledger records.
+
+Each record's ``purpose`` is namespaced by its source, exactly as the signal named it
+(``segment:Analytics``, ``rudderstack:C0002``, ``consent_mode:analytics_storage``, ``gpc:sale_sharing``);
+purposes.py maps a job's purpose onto these. Where signals live in an event:
+
+* Segment: ``context.consent.categoryPreferences`` ``{category: bool}`` (also on the
+  ``Segment Consent Preference Updated`` track event);
+* RudderStack: ``context.consentManagement`` ``{allowedConsentIds, deniedConsentIds, provider, ...}``;
+* Google Consent Mode v2: ``context.consent.googleConsentMode`` ``{ad_storage: granted|denied, ...}``;
+* Global Privacy Control: ``context.gpc`` true, or header ``context.headers["Sec-GPC"] == "1"``;
+* IAB TCF: ``context.consent.tcfString`` is kept as evidence (source ``tcf``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..events import Event
+
+__all__ = ["consent_records", "jurisdiction_of", "EU_EEA"]
+
+EU_EEA = frozenset(
+    "AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE IS LI NO".split()
+)
+CONSENT_MODE_KEYS = ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization")
+
+
+def jurisdiction_of(context: dict[str, Any]) -> str | None:
+    """``EU``, ``UK``, ``US-<state>`` (or ``US``), or the ISO country code; None when unknown."""
+    location = context.get("location")
+    if not isinstance(location, dict):
+        return None
+    country = location.get("country")
+    if not isinstance(country, str) or len(country) != 2:
+        return None
+    country = country.upper()
+    if country in EU_EEA:
+        return "EU"
+    if country in ("GB", "UK"):
+        return "UK"
+    if country == "US":
+        region = location.get("region")
+        if isinstance(region, str) and 2 <= len(region) <= 3:
+            return f"US-{region.upper()}"
+        return "US"
+    return country
+
+
+def _raw(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def consent_records(event: Event, jurisdiction: str | None) -> list[dict[str, Any]]:
+    """Ledger rows for every consent signal the event carries (empty list when none)."""
+    ctx = event.context
+    out: list[dict[str, Any]] = []
+
+    def add(source: str, purpose: str, granted: bool, raw: Any) -> None:
+        out.append(
+            {
+                "profile_id": event.profile_id,
+                "source": source,
+                "purpose": f"{source}:{purpose}",
+                "granted": granted,
+                "timestamp": event.timestamp,
+                "jurisdiction": jurisdiction,
+                "message_id": event.message_id,
+                "raw": raw,
+            }
+        )
+
+    consent = ctx.get("consent")
+    if isinstance(consent, dict):
+        prefs = consent.get("categoryPreferences")
+        if isinstance(prefs, dict):
+            raw = _raw(prefs)
+            for category, value in prefs.items():
+                if isinstance(value, bool):
+                    add("segment", str(category), value, raw)
+        mode = consent.get("googleConsentMode")
+        if isinstance(mode, dict):
+            raw = _raw(mode)
+            for key in CONSENT_MODE_KEYS:
+                value = mode.get(key)
+                if value in ("granted", "denied"):
+                    add("consent_mode", key, value == "granted", raw)
+        tcf = consent.get("tcfString")
+        if isinstance(tcf, str) and tcf:
+            # Kept as evidence; decoding into per-purpose records belongs to the TCF decoder.
+            add("tcf", "tc_string", True, tcf)
+    managed = ctx.get("consentManagement")
+    if isinstance(managed, dict):
+        raw = _raw(managed)
+        for key, granted in (("allowedConsentIds", True), ("deniedConsentIds", False)):
+            ids = managed.get(key)
+            if isinstance(ids, list):
+                for cid in ids:
+                    if isinstance(cid, str | int):
+                        add("rudderstack", str(cid), granted, raw)
+    headers = ctx.get("headers")
+    gpc = ctx.get("gpc") is True or (
+        isinstance(headers, dict) and str(headers.get("Sec-GPC")) == "1"
+    )
+    if gpc:
+        # GPC is an opt-out of sale/sharing (CCPA/CPRA); it never grants anything.
+        add("gpc", "sale_sharing", False, "Sec-GPC: 1")
+    return out

@@ -1,0 +1,161 @@
+"""One exception hierarchy for cdp-federated.
+
+Every error names what was wrong (``field``), the offending ``value`` and how to fix it (``fix``),
+so a user reading a log line or a CLI message knows what to do next. Subclasses mix in the built-in
+exception that callers would naturally catch (``ValueError``, ``PermissionError``...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CDPFederatedError",
+    "ConfigError",
+    "EventValidationError",
+    "ConnectorError",
+    "UnknownConnectorError",
+    "MissingColumnError",
+    "ColumnTypeError",
+    "SourceUnavailableError",
+    "StoreError",
+    "SchemaVersionError",
+    "CodecError",
+    "TransportError",
+    "TrainingError",
+    "SchemaMismatchError",
+    "NoTrainingDataError",
+    "ModelFormatError",
+    "PluginError",
+    "PolicyViolation",
+]
+
+_MAX_VALUE_CHARS = 120
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    if len(text) > _MAX_VALUE_CHARS:
+        text = text[: _MAX_VALUE_CHARS - 3] + "..."
+    return text
+
+
+class CDPFederatedError(Exception):
+    """Base class. ``str(err)`` is a one-line, user-readable message."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        value: Any = None,
+        fix: str | None = None,
+        **context: Any,
+    ) -> None:
+        self.message = message
+        self.field = field
+        self.value = value
+        self.fix = fix
+        self.context = context
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [self.message]
+        if self.field is not None:
+            parts.append(f"field={self.field}")
+        if self.value is not None:
+            parts.append(f"value={_short(self.value)}")
+        text = "; ".join(parts)
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (used by ``--json`` outputs and dead-letter reasons)."""
+        out: dict[str, Any] = {"error": type(self).__name__, "message": self.message}
+        if self.field is not None:
+            out["field"] = self.field
+        if self.value is not None:
+            out["value"] = _short(self.value)
+        if self.fix:
+            out["fix"] = self.fix
+        return out
+
+
+class ConfigError(CDPFederatedError, ValueError):
+    """A configuration file, setting or CLI option is invalid."""
+
+
+class EventValidationError(CDPFederatedError, ValueError):
+    """A Segment-spec event is invalid; the host dead-letters it with this reason."""
+
+    def __init__(self, message: str, *, code: str, **kwargs: Any) -> None:
+        self.code = code
+        super().__init__(message, **kwargs)
+
+
+class ConnectorError(CDPFederatedError):
+    """A data source could not be read as declared."""
+
+
+class UnknownConnectorError(ConnectorError, LookupError):
+    """No registered connector handles the requested ``type``."""
+
+
+class MissingColumnError(ConnectorError, KeyError):
+    """A declared column is absent from the source."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self._render()
+
+
+class ColumnTypeError(ConnectorError, TypeError):
+    """A column cannot be converted to the type the schema contract requires."""
+
+
+class SourceUnavailableError(ConnectorError, OSError):
+    """The file, stream or database behind a connector cannot be reached."""
+
+
+class StoreError(CDPFederatedError, RuntimeError):
+    """The local store (SQLite/PostgreSQL) failed or is unreachable."""
+
+
+class SchemaVersionError(StoreError):
+    """The database schema version is not the one this release expects."""
+
+
+class CodecError(CDPFederatedError, ValueError):
+    """A federation message could not be encoded or decoded."""
+
+
+class TransportError(CDPFederatedError, ConnectionError):
+    """A message could not be delivered to or from a participant."""
+
+
+class TrainingError(CDPFederatedError, RuntimeError):
+    """A training job could not proceed."""
+
+
+class SchemaMismatchError(TrainingError, ValueError):
+    """Participants disagree on features or label."""
+
+
+class NoTrainingDataError(TrainingError):
+    """A participant has no rows left to train on."""
+
+
+class ModelFormatError(CDPFederatedError, ValueError):
+    """A saved model file is malformed or of an unsupported version."""
+
+
+class PluginError(CDPFederatedError, RuntimeError):
+    """A plugin is malformed (unknown hook, bad return value)."""
+
+
+class PolicyViolation(CDPFederatedError, PermissionError):
+    """A participant's local governance refused the job; ``reasons`` lists every rule that fired."""
+
+    def __init__(self, message: str, *, reasons: tuple[str, ...] = (), **kwargs: Any) -> None:
+        self.reasons = reasons
+        super().__init__(message, **kwargs)

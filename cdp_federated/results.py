@@ -1,0 +1,43 @@
+"""The one result schema shared by every command's ``--json`` output.
+
+Commands fill the keys that apply to them and never invent others; a test checks that the README
+documents every key here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["RESULT_FIELDS", "make_result"]
+
+RESULT_FIELDS: dict[str, str] = {
+    "command": "the cdp-fl command that produced the result",
+    "status": "'ok' or 'refused' / 'failed'",
+    "auc": "ROC AUC of the federated model on held-out rows (computed from aggregated score histograms)",
+    "centralized_auc": "ROC AUC of scikit-learn trained on the pooled training rows (simulations only)",
+    "logloss": "mean log loss of the federated model on held-out rows",
+    "accuracy": "accuracy at threshold 0.5 on held-out rows",
+    "rows_per_party": "training rows each party used after consent: {party: rows}",
+    "test_rows_per_party": "held-out rows each party evaluated: {party: rows}",
+    "funnel": "per party: rows in the source, after consent, trained on",
+    "rounds": "training rounds completed",
+    "seconds": "wall time of the command",
+    "databases": "participant -> database URL (password masked)",
+    "model_path": "path of the saved model.json",
+    "model_id": "registry id of the saved model",
+    "ingest": "per source: received, applied, duplicates, dead_lettered",
+    "received": "events read",
+    "applied": "events applied",
+    "duplicates": "events skipped because their messageId was already applied",
+    "dead_lettered": "events written to the dead-letter table with their reason",
+    "events_per_second": "ingest throughput",
+    "profiles": "profiles with features written",
+}
+
+
+def make_result(**values: Any) -> dict[str, Any]:
+    """A result dict, refusing keys outside :data:`RESULT_FIELDS` (a programming error)."""
+    unknown = set(values) - set(RESULT_FIELDS)
+    if unknown:
+        raise KeyError(f"result keys not in the shared schema: {sorted(unknown)}")
+    return dict(values)
