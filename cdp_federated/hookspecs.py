@@ -48,7 +48,7 @@ def cdp_register_connectors() -> list[type[Connector]]:
 def cdp_register_cli_commands(app: typer.Typer) -> None:
     """Add commands to the ``cdp-fl`` command-line app.
 
-    Called once when the CLI starts, for every plugin. Return value ignored.
+    Called once when the CLI starts. Every implementation is called; return value ignored.
     """
 
 

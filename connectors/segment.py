@@ -72,7 +72,7 @@ class SegmentConnector(Connector):
     def _read(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         rows: list[tuple[Any, ...]] = []
         links: list[tuple[str, str]] = []
-        places: dict[str, tuple[datetime, str]] = {}
+        places: list[tuple[str, datetime, str]] = []
         max_bytes = int(self.config.options.get("max_event_bytes", 32768))
         now = self.as_of + timedelta(days=36500)  # a log may hold the label window: no skew check
         try:
@@ -110,15 +110,16 @@ class SegmentConnector(Connector):
                     links.append((ev.previous_id, ev.user_id))
                 where = jurisdiction_of(ev.context)
                 if where and ev.timestamp < self.as_of:
-                    seen = places.get(ev.profile_id)
-                    if seen is None or ev.timestamp >= seen[0]:
-                        places[ev.profile_id] = (ev.timestamp, where)
+                    places.append((ev.profile_id, ev.timestamp, where))
         events = pl.DataFrame(rows, schema=EVENT_SCHEMA, orient="row")
         link_frame = pl.DataFrame(links, schema=["anon", "linked"], orient="row")
-        place_frame = pl.DataFrame(
-            [(pid, where) for pid, (_, where) in places.items()],
-            schema=["profile_id", "jurisdiction"],
-            orient="row",
+        place_schema = {"profile_id": pl.String, "timestamp": EVENT_SCHEMA["timestamp"], "jurisdiction": pl.String}
+        # A profile's jurisdiction is the latest location seen, after identity resolution.
+        place_frame = (
+            resolve_profiles(pl.DataFrame(places, schema=place_schema, orient="row").lazy(), link_frame)
+            .group_by("profile_id")
+            .agg(pl.col("jurisdiction").sort_by("timestamp").last())
+            .collect()
         )
         return resolve_profiles(events.lazy(), link_frame).collect(), place_frame
 
@@ -136,11 +137,7 @@ class SegmentConnector(Connector):
                     event=opts.get("label_event", "Order Completed"),
                 ).rename({"label": self.config.label})
                 frame = frame.join(labels, on="profile_id", how="left")
-            # A profile's jurisdiction follows the latest location seen, after identity resolution.
-            resolved = places.lazy().join(
-                events.lazy().select("profile_id").unique(), on="profile_id", how="inner"
-            )
-            frame = frame.join(resolved, on="profile_id", how="left")
+            frame = frame.join(places.lazy(), on="profile_id", how="left")
             self._frame = frame.collect()
         return self._frame.lazy()
 

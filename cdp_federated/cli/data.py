@@ -19,7 +19,7 @@ from ..results import make_result
 from ..settings import SETTINGS, default_db_url, normalize_db_url
 from . import app
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 DbOption = Annotated[str | None, typer.Option("--db", envvar="CDP_FL_DB", help="SQLAlchemy URL or SQLite path.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 

@@ -1,0 +1,86 @@
+"""End to end: the demo scenario ingests, filters by consent, trains federated, publishes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import polars as pl
+import pytest
+from sqlalchemy import select
+
+from cdp_federated.consent import allowed_ids
+from cdp_federated.demo import run_demo
+from cdp_federated.registry import load_model, load_model_document
+from cdp_federated.store import open_store, schema
+from tests.plugins.every_hook import EveryHook
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from cdp_federated.plugins import FIRST_PARTY_CONNECTORS, make_plugin_manager
+
+    fixture = EveryHook()
+    pm = make_plugin_manager(load_entrypoints=False, plugins=[*FIRST_PARTY_CONNECTORS, fixture])
+    out = tmp_path_factory.mktemp("demo")
+    result = run_demo(out, customers=1500, rounds=30, pm=pm)
+    return result, fixture, pm
+
+
+def test_federated_auc_matches_centralized(demo_run):
+    result, _, _ = demo_run
+    assert result["auc"] > 0.65  # the label is learnable
+    assert abs(result["auc"] - result["centralized_auc"]) <= 0.01
+    assert result["rounds"] == 30
+
+
+def test_funnel_accounts_for_every_row(demo_run):
+    result, _, _ = demo_run
+    assert set(result["funnel"]) == set(result["databases"]) and len(result["databases"]) == 3
+    for name, f in result["funnel"].items():
+        assert f["consented"] <= f["rows_in"]
+        assert f["consented"] < f["rows_in"] or name == "us-east"  # opt-in regions lose rows
+        assert f["trained"] + result["test_rows_per_party"][name] == f["consented"]
+        assert f["trained"] == result["rows_per_party"][name]
+        ing = result["ingest"][name]
+        assert ing["received"] == ing["applied"] + ing["duplicates"] + ing["dead_lettered"]
+        assert ing["dead_lettered"] > 0  # the scenario injects bad lines
+
+
+def test_only_consented_profiles_were_trained(demo_run):
+    result, _, _ = demo_run
+    doc = load_model_document(result["model_path"])
+    at = pl.Series([doc["lineage"]["consent_evaluated_at"]]).str.to_datetime(time_zone="UTC")[0]
+    for name, url in result["databases"].items():
+        store = open_store(url)
+        allowed = set(allowed_ids(store, "model_training", at).as_frame().collect()["profile_id"])
+        with store.engine.connect() as conn:
+            labelled = {r[0] for r in conn.execute(select(schema.profile_labels.c.profile_id))}
+        assert len(allowed & labelled) == result["funnel"][name]["consented"]
+        store.dispose()
+
+
+def test_model_is_published_loadable_and_scores_consented_profiles(demo_run):
+    result, fixture, pm = demo_run
+    model = load_model(result["model_path"])
+    assert list(model.feature_names_in_)[:3] == ["recency_days", "tenure_days", "frequency"]
+    assert "cdp_model_published" in fixture.names()
+    url = next(iter(result["databases"].values()))
+    store = open_store(url)
+    with store.engine.connect() as conn:
+        published = conn.execute(select(schema.models.c.model_id, schema.models.c.sha256)).all()
+        ids = [r[0] for r in conn.execute(select(schema.profile_features.c.profile_id))]
+    assert published[0][0] == result["model_id"]
+    allowed_now = set(allowed_ids(store, "model_training", datetime.now(UTC)).as_frame().collect()["profile_id"])
+    scored = {p: pm.hook.cdp_score_profile(profile_id=p, store=store, model_id=None, purpose="model_training") for p in ids[:300]}
+    assert {p for p, s in scored.items() if s is not None} == allowed_now & set(scored)
+    assert any(s is None for s in scored.values()) and any(s is not None for s in scored.values())
+    assert all(0.0 <= s["score"] <= 1.0 and s["model_id"] == result["model_id"] for s in scored.values() if s)
+    store.dispose()
+
+
+def test_hooks_saw_the_job_lifecycle(demo_run):
+    _, fixture, _ = demo_run
+    names = fixture.names()
+    assert names.count("cdp_policy_decision") == 3
+    assert names.index("cdp_job_started") < names.index("cdp_round_ended") < names.index("cdp_model_published")
+    assert names.count("cdp_round_ended") == 30
