@@ -18,8 +18,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# pytest exits 5 when nothing is marked slow: that is not a failure for this suite.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,6 +29,7 @@ from .errors import (
     ConnectorError,
     MissingColumnError,
     PluginError,
+    SourceUnavailableError,
     UnknownConnectorError,
 )
 
@@ -128,20 +129,42 @@ class Connector(ABC):
     def available_columns(self) -> dict[str, str]:
         return {k: str(v) for k, v in self._source().collect_schema().items()}
 
+    def close(self) -> None:
+        """Release resources (engines, handles). Safe to call twice."""
+
+    def __enter__(self) -> Connector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _is_numeric(dtype: pl.DataType) -> bool:
     return dtype.is_numeric() or dtype == pl.Boolean
+
+
+def _location(config: ConnectorConfig) -> str | None:
+    from .store import redact_url  # a URL may carry a password: never echo it
+
+    return config.path or (redact_url(config.url) if config.url else None) or config.table or config.frame
 
 
 def conform(lf: pl.LazyFrame, config: ConnectorConfig) -> pl.LazyFrame:
     """Project, rename and cast ``lf`` to the schema contract; fail early naming columns."""
     try:
         schema = lf.collect_schema()
-    except (pl.exceptions.PolarsError, OSError) as exc:
+    except OSError as exc:
+        raise SourceUnavailableError(
+            f"cannot read source: {exc}",
+            field=f"{config.name}.path",
+            value=_location(config),
+            fix="check the location and that it is readable",
+        ) from exc
+    except pl.exceptions.PolarsError as exc:
         raise ConnectorError(
             f"cannot read source: {exc}",
             field=f"{config.name}.path",
-            value=config.path or config.url or config.frame,
+            value=_location(config),
             fix="check the location and the file format",
         ) from exc
     available = list(schema.names())
@@ -160,7 +183,7 @@ def conform(lf: pl.LazyFrame, config: ConnectorConfig) -> pl.LazyFrame:
             raise MissingColumnError(
                 f"column {name!r} not found in source {config.name!r}",
                 field=name,
-                value=config.path or config.url or config.table or config.frame,
+                value=_location(config),
                 fix=f"use one of the available columns: {', '.join(available)}",
             )
     for name in features + ([config.label] if config.label else []):

@@ -85,7 +85,8 @@ def _prepare_party(
         label=LABEL,
         jurisdiction_column="jurisdiction",
     )
-    frame, funnel = load_consented(registry.open(config), pm=pm, purpose=job.purpose, at=trained_at, ledger=store)
+    with registry.open(config) as connector:
+        frame, funnel = load_consented(connector, pm=pm, purpose=job.purpose, at=trained_at, ledger=store)
     train, test = split_train_test(frame, float(job.params.get("test_fraction", 0.2)))
     return _Party(store, train, test, funnel, stats.to_dict())
 

@@ -102,14 +102,13 @@ class Host:
 
     # --- entry points ----------------------------------------------------------------------------
 
-    def ingest_path(
-        self, path: str | Path, *, on_progress: Callable[[int], None] | None = None
-    ) -> IngestStats:
-        """Ingest a JSONL file, or standard input when ``path`` is ``-``."""
+    @staticmethod
+    def open_events(path: str | Path) -> BinaryIO:
+        """Open a JSONL file (``-``: standard input) with a clear error when it cannot be read."""
         if str(path) == "-":
-            return self.ingest_stream(sys.stdin.buffer, source="-", on_progress=on_progress)
+            return sys.stdin.buffer
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below
+            return open(path, "rb")  # noqa: SIM115 - the caller closes it
         except OSError as exc:
             raise SourceUnavailableError(
                 f"cannot open events file: {exc.strerror}",
@@ -117,8 +116,17 @@ class Host:
                 value=str(path),
                 fix="check the path and that the file is readable",
             ) from exc
-        with handle:
+
+    def ingest_path(
+        self, path: str | Path, *, on_progress: Callable[[int], None] | None = None
+    ) -> IngestStats:
+        """Ingest a JSONL file, or standard input when ``path`` is ``-``."""
+        handle = self.open_events(path)
+        try:
             return self.ingest_stream(handle, source=str(path), on_progress=on_progress)
+        finally:
+            if handle is not sys.stdin.buffer:
+                handle.close()
 
     def ingest_stream(
         self,

@@ -96,6 +96,7 @@ def ingest(
     from ..plugins import make_plugin_manager
     from ..store import open_store
 
+    handle = Host.open_events(path)  # fail on an unreadable file before touching the store
     store = open_store(_url(db), create=True)
     host = Host(store, make_plugin_manager(), batch_size=batch_size)
     started = time.perf_counter()
@@ -103,7 +104,8 @@ def ingest(
     columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
     with Progress("[progress.description]{task.description}", *columns, console=console, disable=as_json) as bar:
         task = bar.add_task("ingesting", total=total)
-        stats = host.ingest_path(path, on_progress=lambda n: bar.advance(task, n))
+        with handle:
+            stats = host.ingest_stream(handle, source=path, on_progress=lambda n: bar.advance(task, n))
     profiles = None if skip_features else build_features(store, _parse_as_of(as_of))
     seconds = time.perf_counter() - started
     result = make_result(
@@ -160,8 +162,8 @@ def features_build(
     from ..features import build_features, build_labels, read_events
     from ..store import open_store
 
-    store = open_store(_url(db))
     when = _parse_as_of(as_of)
+    store = open_store(_url(db))
     events = read_events(store).collect().lazy()
     n = build_features(store, when, events=events)
     console.print(f"{n:,} profiles with features as of {when.isoformat()}")
