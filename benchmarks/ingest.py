@@ -50,27 +50,34 @@ def main() -> None:
         db = args.db or f"sqlite:///{tmpdir / 'bench.sqlite'}"
         cli = Path(sys.executable).with_name("cdp-fl")
         started = time.perf_counter()
-        proc = subprocess.run([str(cli), "ingest", str(path), "--db", db, "--json"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [str(cli), "ingest", str(path), "--db", db, "--json"], capture_output=True, text=True
+        )
         wall = time.perf_counter() - started
         if proc.returncode != 0:
             sys.exit(f"ingest failed: {proc.stderr}")
         result = json.loads(proc.stdout)
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        print(json.dumps({
-            "benchmark": "ingest",
-            "events": lines,
-            "input_bytes": path.stat().st_size,
-            "database": "sqlite" if db.startswith("sqlite") else db.split(":", 1)[0],
-            "generate_seconds": round(generate_seconds, 2),
-            "wall_seconds": round(wall, 2),
-            "events_per_second": round(lines / wall, 1),
-            "command_seconds": result["seconds"],
-            "applied": result["applied"],
-            "duplicates": result["duplicates"],
-            "dead_lettered": result["dead_lettered"],
-            "profiles": result["profiles"],
-            "peak_rss_mb": round(peak_kb / 1024, 1),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "ingest",
+                    "events": lines,
+                    "input_bytes": path.stat().st_size,
+                    "database": "sqlite" if db.startswith("sqlite") else db.split(":", 1)[0],
+                    "generate_seconds": round(generate_seconds, 2),
+                    "wall_seconds": round(wall, 2),
+                    "events_per_second": round(lines / wall, 1),
+                    "command_seconds": result["seconds"],
+                    "applied": result["applied"],
+                    "duplicates": result["duplicates"],
+                    "dead_lettered": result["dead_lettered"],
+                    "profiles": result["profiles"],
+                    "peak_rss_mb": round(peak_kb / 1024, 1),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

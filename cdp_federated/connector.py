@@ -131,6 +131,7 @@ class Connector(ABC):
 
     def close(self) -> None:
         """Release resources (engines, handles). Safe to call twice."""
+        return None  # file and frame connectors hold nothing open
 
     def __enter__(self) -> Connector:
         return self
@@ -146,7 +147,12 @@ def _is_numeric(dtype: pl.DataType) -> bool:
 def _location(config: ConnectorConfig) -> str | None:
     from .store import redact_url  # a URL may carry a password: never echo it
 
-    return config.path or (redact_url(config.url) if config.url else None) or config.table or config.frame
+    return (
+        config.path
+        or (redact_url(config.url) if config.url else None)
+        or config.table
+        or config.frame
+    )
 
 
 def conform(lf: pl.LazyFrame, config: ConnectorConfig) -> pl.LazyFrame:

@@ -86,7 +86,9 @@ def _prepare_party(
         jurisdiction_column="jurisdiction",
     )
     with registry.open(config) as connector:
-        frame, funnel = load_consented(connector, pm=pm, purpose=job.purpose, at=trained_at, ledger=store)
+        frame, funnel = load_consented(
+            connector, pm=pm, purpose=job.purpose, at=trained_at, ledger=store
+        )
     train, test = split_train_test(frame, float(job.params.get("test_fraction", 0.2)))
     return _Party(store, train, test, funnel, stats.to_dict())
 
@@ -203,4 +205,3 @@ def run_demo(
         model_path=str(model_path),
         model_id=model_id,
     )
-

@@ -76,7 +76,7 @@ def features_from_events(events: pl.LazyFrame, as_of: datetime) -> pl.LazyFrame:
         _windowed(order, age, 30).alias("orders_30d"),
         _windowed(order, age, 90).alias("orders_90d"),
         pl.when(age < 90).then(revenue).otherwise(0.0).sum().alias("revenue_90d"),
-        _windowed(pl.col("type") == "page", age, 30).alias("page_views_30d"),
+        _windowed(pl.col("type").is_in(["page", "screen"]), age, 30).alias("page_views_30d"),
         _windowed((pl.col("event") == "Product Viewed").fill_null(False), age, 30).alias(
             "product_views_30d"
         ),

@@ -20,7 +20,14 @@ from sqlalchemy import select
 from .errors import ModelFormatError
 from .store import Store, schema
 
-__all__ = ["FORMAT_VERSION", "save_model", "load_model", "load_model_document", "latest_model", "new_model_id"]
+__all__ = [
+    "FORMAT_VERSION",
+    "save_model",
+    "load_model",
+    "load_model_document",
+    "latest_model",
+    "new_model_id",
+]
 
 FORMAT_VERSION = 1
 
@@ -124,7 +131,9 @@ def load_model_document(path: str | Path, *, expected_sha256: str | None = None)
     try:
         body = path.read_bytes()
     except OSError as exc:
-        raise ModelFormatError("cannot read model file", field="path", value=str(path), fix="check the path") from exc
+        raise ModelFormatError(
+            "cannot read model file", field="path", value=str(path), fix="check the path"
+        ) from exc
     if expected_sha256 is not None and hashlib.sha256(body).hexdigest() != expected_sha256:
         raise ModelFormatError(
             "model file does not match the published checksum",
@@ -135,7 +144,9 @@ def load_model_document(path: str | Path, *, expected_sha256: str | None = None)
     try:
         doc = json.loads(body)
     except ValueError as exc:
-        raise ModelFormatError("model file is not JSON", field="path", value=str(path), fix="restore the file") from exc
+        raise ModelFormatError(
+            "model file is not JSON", field="path", value=str(path), fix="restore the file"
+        ) from exc
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(
             "unsupported model format version",
@@ -153,7 +164,10 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None) -> Any:
     cls = classes.get(doc.get("kind"))
     if cls is None:
         raise ModelFormatError(
-            "unknown model kind", field="kind", value=doc.get("kind"), fix=f"known kinds: {', '.join(classes)}"
+            "unknown model kind",
+            field="kind",
+            value=doc.get("kind"),
+            fix=f"known kinds: {', '.join(classes)}",
         )
     return cls.from_dict(doc["model"])
 

@@ -22,7 +22,9 @@ def _consented(store: Store, profile_id: str, purpose: str) -> bool:
 
 
 @hookimpl
-def cdp_score_profile(profile_id: str, store: Store, model_id: str | None, purpose: str) -> dict[str, Any] | None:
+def cdp_score_profile(
+    profile_id: str, store: Store, model_id: str | None, purpose: str
+) -> dict[str, Any] | None:
     found = latest_model(store, model_id)
     if found is None or not _consented(store, profile_id, purpose):
         return None
@@ -35,4 +37,8 @@ def cdp_score_profile(profile_id: str, store: Store, model_id: str | None, purpo
         return None
     names = list(model.feature_names_in_)
     frame = pl.DataFrame({name: [float(row[name])] for name in names})
-    return {"profile_id": profile_id, "model_id": mid, "score": float(model.predict_proba(frame)[0, 1])}
+    return {
+        "profile_id": profile_id,
+        "model_id": mid,
+        "score": float(model.predict_proba(frame)[0, 1]),
+    }

@@ -113,10 +113,16 @@ class SegmentConnector(Connector):
                     places.append((ev.profile_id, ev.timestamp, where))
         events = pl.DataFrame(rows, schema=EVENT_SCHEMA, orient="row")
         link_frame = pl.DataFrame(links, schema=["anon", "linked"], orient="row")
-        place_schema = {"profile_id": pl.String, "timestamp": EVENT_SCHEMA["timestamp"], "jurisdiction": pl.String}
+        place_schema = {
+            "profile_id": pl.String,
+            "timestamp": EVENT_SCHEMA["timestamp"],
+            "jurisdiction": pl.String,
+        }
         # A profile's jurisdiction is the latest location seen, after identity resolution.
         place_frame = (
-            resolve_profiles(pl.DataFrame(places, schema=place_schema, orient="row").lazy(), link_frame)
+            resolve_profiles(
+                pl.DataFrame(places, schema=place_schema, orient="row").lazy(), link_frame
+            )
             .group_by("profile_id")
             .agg(pl.col("jurisdiction").sort_by("timestamp").last())
             .collect()

@@ -8,7 +8,6 @@ import uuid
 import pytest
 from hypothesis import settings
 
-
 from cdp_federated.plugins import FIRST_PARTY_CONNECTORS, make_plugin_manager
 
 PG_ENV = "CDP_FL_TEST_PG_URL"

@@ -15,10 +15,22 @@ from cdp_federated.store import open_store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
-COUNTRIES = [("DE", None), ("FR", None), ("GB", None), ("US", "CA"), ("US", "NY"), ("BR", None), (None, None)]
+COUNTRIES = [
+    ("DE", None),
+    ("FR", None),
+    ("GB", None),
+    ("US", "CA"),
+    ("US", "NY"),
+    ("BR", None),
+    (None, None),
+]
 
 # The oracle's own reading of each format (independent of cdp_federated.consent).
-ANALYTICS = {("segment", "Analytics"), ("rudderstack", "C0002"), ("consent_mode", "analytics_storage")}
+ANALYTICS = {
+    ("segment", "Analytics"),
+    ("rudderstack", "C0002"),
+    ("consent_mode", "analytics_storage"),
+}
 
 
 def oracle_allowed(events, at):
@@ -65,13 +77,25 @@ def consent_context(draw):
     kind = draw(st.sampled_from(["segment", "mode", "rudder", "none", "gpc"]))
     granted = draw(st.booleans())
     if kind == "segment":
-        return {"consent": {"categoryPreferences": {"Analytics": granted, "Advertising": draw(st.booleans())}}}
+        return {
+            "consent": {
+                "categoryPreferences": {"Analytics": granted, "Advertising": draw(st.booleans())}
+            }
+        }
     if kind == "mode":
-        return {"consent": {"googleConsentMode": {"analytics_storage": "granted" if granted else "denied",
-                                                  "ad_storage": "denied"}}}
+        return {
+            "consent": {
+                "googleConsentMode": {
+                    "analytics_storage": "granted" if granted else "denied",
+                    "ad_storage": "denied",
+                }
+            }
+        }
     if kind == "rudder":
-        ids = {"allowedConsentIds": ["C0001", "C0002"] if granted else ["C0001"],
-               "deniedConsentIds": [] if granted else ["C0002"]}
+        ids = {
+            "allowedConsentIds": ["C0001", "C0002"] if granted else ["C0001"],
+            "deniedConsentIds": [] if granted else ["C0002"],
+        }
         return {"consentManagement": {"provider": "oneTrust", **ids, "resolutionStrategy": "and"}}
     if kind == "gpc":
         return {"gpc": True}
@@ -89,13 +113,24 @@ def histories(draw):
         if country:
             ctx["location"] = {"country": country, **({"region": region} if region else {})}
         ts = T0 + timedelta(hours=draw(st.integers(0, 24 * 300)))
-        events.append({"type": "track", "event": "x", "messageId": f"m{i}", "userId": pid,
-                       "timestamp": ts.isoformat().replace("+00:00", "Z"), "context": ctx})
+        events.append(
+            {
+                "type": "track",
+                "event": "x",
+                "messageId": f"m{i}",
+                "userId": pid,
+                "timestamp": ts.isoformat().replace("+00:00", "Z"),
+                "context": ctx,
+            }
+        )
     at = T0 + timedelta(hours=draw(st.integers(0, 24 * 300)))
     return events, at
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(histories())
 def test_allowed_ids_equal_the_naive_oracle(tmp_path_factory, pm, history):
     events, at = history
@@ -108,15 +143,39 @@ def test_allowed_ids_equal_the_naive_oracle(tmp_path_factory, pm, history):
 
 def test_revocation_applies_from_its_timestamp(db_url, pm):
     store = open_store(db_url, create=True)
-    grant = {"type": "identify", "messageId": "g", "userId": "eu-1", "timestamp": "2026-02-01T00:00:00Z",
-             "context": {"location": {"country": "DE"}, "consent": {"categoryPreferences": {"Analytics": True}}}}
-    revoke = {**grant, "messageId": "r", "timestamp": "2026-03-01T00:00:00Z",
-              "context": {"consent": {"categoryPreferences": {"Analytics": False}}}}
-    silent_us = {"type": "page", "messageId": "u", "userId": "us-1", "timestamp": "2026-02-01T00:00:00Z",
-                 "context": {"location": {"country": "US", "region": "TX"}}}
-    silent_eu = {**silent_us, "messageId": "e", "userId": "eu-2", "context": {"location": {"country": "FR"}}}
+    grant = {
+        "type": "identify",
+        "messageId": "g",
+        "userId": "eu-1",
+        "timestamp": "2026-02-01T00:00:00Z",
+        "context": {
+            "location": {"country": "DE"},
+            "consent": {"categoryPreferences": {"Analytics": True}},
+        },
+    }
+    revoke = {
+        **grant,
+        "messageId": "r",
+        "timestamp": "2026-03-01T00:00:00Z",
+        "context": {"consent": {"categoryPreferences": {"Analytics": False}}},
+    }
+    silent_us = {
+        "type": "page",
+        "messageId": "u",
+        "userId": "us-1",
+        "timestamp": "2026-02-01T00:00:00Z",
+        "context": {"location": {"country": "US", "region": "TX"}},
+    }
+    silent_eu = {
+        **silent_us,
+        "messageId": "e",
+        "userId": "eu-2",
+        "context": {"location": {"country": "FR"}},
+    }
     unknown = {**silent_us, "messageId": "x", "userId": "nowhere", "context": {}}
-    Host(store, pm, now=lambda: NOW).ingest_stream([orjson.dumps(e) for e in (grant, revoke, silent_us, silent_eu, unknown)])
+    Host(store, pm, now=lambda: NOW).ingest_stream(
+        [orjson.dumps(e) for e in (grant, revoke, silent_us, silent_eu, unknown)]
+    )
 
     def allowed(at):
         return set(allowed_ids(store, "model_training", at).as_frame().collect()["profile_id"])
@@ -127,10 +186,19 @@ def test_revocation_applies_from_its_timestamp(db_url, pm):
 
 
 def test_signal_extraction_formats():
-    line = orjson.dumps({
-        "type": "identify", "messageId": "m", "userId": "u", "timestamp": "2026-02-01T00:00:00Z",
-        "context": {"location": {"country": "us", "region": "ca"}, "headers": {"Sec-GPC": "1"},
-                    "consent": {"tcfString": "CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA"}}})
+    line = orjson.dumps(
+        {
+            "type": "identify",
+            "messageId": "m",
+            "userId": "u",
+            "timestamp": "2026-02-01T00:00:00Z",
+            "context": {
+                "location": {"country": "us", "region": "ca"},
+                "headers": {"Sec-GPC": "1"},
+                "consent": {"tcfString": "CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA"},
+            },
+        }
+    )
     ev = parse_event_line(line, now=NOW, max_skew=timedelta(days=1), max_bytes=10_000)
     assert jurisdiction_of(ev.context) == "US-CA"
     recs = {(r["purpose"], r["granted"]) for r in consent_records(ev, "US-CA")}

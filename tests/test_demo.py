@@ -70,11 +70,22 @@ def test_model_is_published_loadable_and_scores_consented_profiles(demo_run):
         published = conn.execute(select(schema.models.c.model_id, schema.models.c.sha256)).all()
         ids = [r[0] for r in conn.execute(select(schema.profile_features.c.profile_id))]
     assert published[0][0] == result["model_id"]
-    allowed_now = set(allowed_ids(store, "model_training", datetime.now(UTC)).as_frame().collect()["profile_id"])
-    scored = {p: pm.hook.cdp_score_profile(profile_id=p, store=store, model_id=None, purpose="model_training") for p in ids[:300]}
+    allowed_now = set(
+        allowed_ids(store, "model_training", datetime.now(UTC)).as_frame().collect()["profile_id"]
+    )
+    scored = {
+        p: pm.hook.cdp_score_profile(
+            profile_id=p, store=store, model_id=None, purpose="model_training"
+        )
+        for p in ids[:300]
+    }
     assert {p for p, s in scored.items() if s is not None} == allowed_now & set(scored)
     assert any(s is None for s in scored.values()) and any(s is not None for s in scored.values())
-    assert all(0.0 <= s["score"] <= 1.0 and s["model_id"] == result["model_id"] for s in scored.values() if s)
+    assert all(
+        0.0 <= s["score"] <= 1.0 and s["model_id"] == result["model_id"]
+        for s in scored.values()
+        if s
+    )
     store.dispose()
 
 
@@ -82,5 +93,9 @@ def test_hooks_saw_the_job_lifecycle(demo_run):
     _, fixture, _ = demo_run
     names = fixture.names()
     assert names.count("cdp_policy_decision") == 3
-    assert names.index("cdp_job_started") < names.index("cdp_round_ended") < names.index("cdp_model_published")
+    assert (
+        names.index("cdp_job_started")
+        < names.index("cdp_round_ended")
+        < names.index("cdp_model_published")
+    )
     assert names.count("cdp_round_ended") == 30

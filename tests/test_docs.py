@@ -14,7 +14,9 @@ from cdp_federated.settings import SETTINGS
 ROOT = Path(__file__).resolve().parent.parent
 HOOK_DOCS = (ROOT / "docs" / "plugins.md").read_text()
 README = (ROOT / "README.md").read_text()
-HOOKS = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("cdp_")]
+HOOKS = [
+    f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("cdp_")
+]
 
 
 def signature_text(fn) -> str:
@@ -32,7 +34,10 @@ def test_every_hook_is_documented_with_its_exact_signature(hook):
 def test_every_hook_has_a_docstring_saying_how_results_combine(hook):
     doc = inspect.getdoc(hook) or ""
     assert "Called" in doc or "called" in doc
-    assert any(word in doc for word in ("Every implementation", "First non-", "flattened", "ANDed", "any vote"))
+    assert any(
+        word in doc
+        for word in ("Every implementation", "First non-", "flattened", "ANDed", "any vote")
+    )
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)

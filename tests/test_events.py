@@ -19,8 +19,14 @@ def parse(obj, max_bytes=32768):
 
 
 def base(**over):
-    ev = {"type": "track", "event": "Order Completed", "messageId": "m-1", "userId": "u1",
-          "timestamp": "2026-05-01T10:00:00.123Z", "properties": {"revenue": 19.99}}
+    ev = {
+        "type": "track",
+        "event": "Order Completed",
+        "messageId": "m-1",
+        "userId": "u1",
+        "timestamp": "2026-05-01T10:00:00.123Z",
+        "properties": {"revenue": 19.99},
+    }
     ev.update(over)
     return {k: v for k, v in ev.items() if v is not None}
 

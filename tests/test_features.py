@@ -61,13 +61,20 @@ def test_features_ignore_the_future_and_labels_ignore_the_past():
     with_future = features_from_events(frame(EVENTS), AS_OF).collect()
     assert past_only.sort("profile_id").equals(with_future.sort("profile_id"))
     labels = labels_from_events(frame(EVENTS), AS_OF, window_days=30).collect().sort("profile_id")
-    assert labels.to_dicts() == [{"profile_id": "u1", "label": 1.0}, {"profile_id": "u2", "label": 0.0}]
+    assert labels.to_dicts() == [
+        {"profile_id": "u1", "label": 1.0},
+        {"profile_id": "u2", "label": 0.0},
+    ]
     short = labels_from_events(frame(EVENTS), AS_OF, window_days=2).collect()
     assert short["label"].sum() == 0.0  # the order is 3 days after as_of
 
 
 def test_anonymous_events_are_credited_to_the_linked_profile():
-    rows = [ev("anon-1", 10, "page"), ev("u1", 1, "track", "Product Viewed"), ev("anon-2", 3, "page")]
+    rows = [
+        ev("anon-1", 10, "page"),
+        ev("u1", 1, "track", "Product Viewed"),
+        ev("anon-2", 3, "page"),
+    ]
     links = pl.DataFrame({"anon": ["anon-1"], "linked": ["u1"]})
     out = features_from_events(resolve_profiles(frame(rows), links), AS_OF).collect()
     assert sorted(out["profile_id"]) == ["anon-2", "u1"]
@@ -87,14 +94,39 @@ def test_build_features_and_labels_in_the_store(db_url, pm):
 
     store = open_store(db_url, create=True)
     raw = [
-        {"type": "page", "messageId": "1", "anonymousId": "a1", "timestamp": "2026-05-01T00:00:00Z"},
-        {"type": "identify", "messageId": "2", "userId": "u1", "anonymousId": "a1", "timestamp": "2026-05-02T00:00:00Z"},
-        {"type": "track", "event": "Order Completed", "messageId": "3", "userId": "u1",
-         "timestamp": "2026-05-20T00:00:00Z", "properties": {"revenue": 10}},
-        {"type": "track", "event": "Order Completed", "messageId": "4", "userId": "u1",
-         "timestamp": "2026-06-10T00:00:00Z", "properties": {"revenue": 10}},
+        {
+            "type": "page",
+            "messageId": "1",
+            "anonymousId": "a1",
+            "timestamp": "2026-05-01T00:00:00Z",
+        },
+        {
+            "type": "identify",
+            "messageId": "2",
+            "userId": "u1",
+            "anonymousId": "a1",
+            "timestamp": "2026-05-02T00:00:00Z",
+        },
+        {
+            "type": "track",
+            "event": "Order Completed",
+            "messageId": "3",
+            "userId": "u1",
+            "timestamp": "2026-05-20T00:00:00Z",
+            "properties": {"revenue": 10},
+        },
+        {
+            "type": "track",
+            "event": "Order Completed",
+            "messageId": "4",
+            "userId": "u1",
+            "timestamp": "2026-06-10T00:00:00Z",
+            "properties": {"revenue": 10},
+        },
     ]
-    Host(store, pm, now=lambda: datetime(2026, 7, 1, tzinfo=UTC)).ingest_stream([orjson.dumps(r) for r in raw])
+    Host(store, pm, now=lambda: datetime(2026, 7, 1, tzinfo=UTC)).ingest_stream(
+        [orjson.dumps(r) for r in raw]
+    )
     assert build_features(store, AS_OF) == 1
     assert build_labels(store, AS_OF, name="purchased_30d", window_days=30) == 1
     with store.engine.connect() as conn:

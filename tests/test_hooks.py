@@ -16,8 +16,17 @@ from cdp_federated.participant.pipeline import check_policy
 from cdp_federated.plugins import DEFAULT_PLUGINS, make_plugin_manager, plugin_names
 from tests.plugins.every_hook import ConstantConnector, EveryHook
 
-HOOK_NAMES = sorted(n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("cdp_"))
-JOB = JobSpec(job_id="j1", kind="horizontal", model="logreg", purpose="model_training", features=("x",), label="y")
+HOOK_NAMES = sorted(
+    n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("cdp_")
+)
+JOB = JobSpec(
+    job_id="j1",
+    kind="horizontal",
+    model="logreg",
+    purpose="model_training",
+    features=("x",),
+    label="y",
+)
 
 
 def test_fixture_plugin_implements_every_hook(pm):
@@ -66,7 +75,9 @@ def test_connectors_from_plugins_are_collected_and_clashes_rejected(pm):
 
 
 def test_policy_votes_any_deny_wins(pm):
-    allow_all = type("AllowAll", (), {"cdp_policy_decision": hookimpl(lambda self, job, participant: None)})()
+    allow_all = type(
+        "AllowAll", (), {"cdp_policy_decision": hookimpl(lambda self, job, participant: None)}
+    )()
     pm.register(allow_all)
     check_policy(pm, JOB, "eu")  # only abstentions: allowed
     pm.register(EveryHook(deny_jobs=True))
@@ -81,9 +92,13 @@ def test_score_profile_is_first_result(pm, sqlite_url):
 
     pm.register(EveryHook())
     store = open_store(sqlite_url, create=True)
-    hit = pm.hook.cdp_score_profile(profile_id="fixture-vip", store=store, model_id=None, purpose="personalization")
+    hit = pm.hook.cdp_score_profile(
+        profile_id="fixture-vip", store=store, model_id=None, purpose="personalization"
+    )
     assert hit == {"profile_id": "fixture-vip", "model_id": "fixture", "score": 1.0}
-    miss = pm.hook.cdp_score_profile(profile_id="nobody", store=store, model_id=None, purpose="personalization")
+    miss = pm.hook.cdp_score_profile(
+        profile_id="nobody", store=store, model_id=None, purpose="personalization"
+    )
     assert miss is None  # no model published: the built-in scorer abstains too
 
 

@@ -18,9 +18,15 @@ NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 
 def event(i, **over):
-    ev = {"type": "track", "event": "Product Viewed", "messageId": f"m{i}", "userId": f"u{i % 7}",
-          "timestamp": f"2026-05-{1 + i % 28:02d}T10:00:00Z", "properties": {"sku": f"s{i}"},
-          "context": {"location": {"country": "DE"}}}
+    ev = {
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": f"m{i}",
+        "userId": f"u{i % 7}",
+        "timestamp": f"2026-05-{1 + i % 28:02d}T10:00:00Z",
+        "properties": {"sku": f"s{i}"},
+        "context": {"location": {"country": "DE"}},
+    }
     ev.update(over)
     return ev
 
@@ -73,24 +79,60 @@ def test_dead_letters_keep_reason_and_raw_line(store, pm):
 
 def test_profiles_identifiers_and_consent_are_written(store, pm):
     evs = [
-        {"type": "page", "messageId": "p1", "anonymousId": "anon-1", "timestamp": "2026-05-01T09:00:00Z",
-         "context": {"location": {"country": "US", "region": "ca"}, "gpc": True}},
-        {"type": "identify", "messageId": "i1", "userId": "u-1", "anonymousId": "anon-1",
-         "timestamp": "2026-05-01T09:05:00Z", "traits": {"email": "Jane@Example.com", "phone": "+1 212 555 0100"},
-         "context": {"location": {"country": "US", "region": "CA"},
-                     "consent": {"categoryPreferences": {"Analytics": True, "Advertising": False}}}},
-        {"type": "alias", "messageId": "a1", "userId": "u-1", "previousId": "device-9",
-         "timestamp": "2026-05-01T09:06:00Z"},
+        {
+            "type": "page",
+            "messageId": "p1",
+            "anonymousId": "anon-1",
+            "timestamp": "2026-05-01T09:00:00Z",
+            "context": {"location": {"country": "US", "region": "ca"}, "gpc": True},
+        },
+        {
+            "type": "identify",
+            "messageId": "i1",
+            "userId": "u-1",
+            "anonymousId": "anon-1",
+            "timestamp": "2026-05-01T09:05:00Z",
+            "traits": {"email": "Jane@Example.com", "phone": "+1 212 555 0100"},
+            "context": {
+                "location": {"country": "US", "region": "CA"},
+                "consent": {"categoryPreferences": {"Analytics": True, "Advertising": False}},
+            },
+        },
+        {
+            "type": "alias",
+            "messageId": "a1",
+            "userId": "u-1",
+            "previousId": "device-9",
+            "timestamp": "2026-05-01T09:06:00Z",
+        },
     ]
     stats = make_host(store, pm).ingest_stream(lines(evs))
     assert stats.applied == 3
     with store.engine.connect() as conn:
-        ids = set(conn.execute(select(schema.identifiers.c.profile_id, schema.identifiers.c.kind,
-                                      schema.identifiers.c.value)).all())
-        consent = set(conn.execute(select(schema.consent_records.c.profile_id, schema.consent_records.c.purpose,
-                                          schema.consent_records.c.granted,
-                                          schema.consent_records.c.jurisdiction)).all())
-        prof = conn.execute(select(schema.profiles).where(schema.profiles.c.profile_id == "u-1")).mappings().one()
+        ids = set(
+            conn.execute(
+                select(
+                    schema.identifiers.c.profile_id,
+                    schema.identifiers.c.kind,
+                    schema.identifiers.c.value,
+                )
+            ).all()
+        )
+        consent = set(
+            conn.execute(
+                select(
+                    schema.consent_records.c.profile_id,
+                    schema.consent_records.c.purpose,
+                    schema.consent_records.c.granted,
+                    schema.consent_records.c.jurisdiction,
+                )
+            ).all()
+        )
+        prof = (
+            conn.execute(select(schema.profiles).where(schema.profiles.c.profile_id == "u-1"))
+            .mappings()
+            .one()
+        )
     assert ("u-1", "anonymous_id", "anon-1") in ids
     assert ("u-1", "anonymous_id", "device-9") in ids
     assert ("u-1", "email", "Jane@Example.com") in ids
@@ -117,11 +159,19 @@ def test_a_failing_plugin_dead_letters_only_the_failing_event(store, pm):
 def test_batches_call_the_hook_once_each_and_finish_once(store, pm):
     fixture = EveryHook()
     pm.register(fixture)
-    make_host(store, pm, batch_size=4).ingest_stream(lines([event(i) for i in range(10)]), source="s")
+    make_host(store, pm, batch_size=4).ingest_stream(
+        lines([event(i) for i in range(10)]), source="s"
+    )
     names = fixture.names()
     assert names.count("cdp_process_events") == 3
     assert names[-1] == "cdp_ingest_finished"
-    assert fixture.calls[-1][1] == {"received": 10, "applied": 10, "duplicates": 0, "dead_lettered": 0, "batches": 3}
+    assert fixture.calls[-1][1] == {
+        "received": 10,
+        "applied": 10,
+        "duplicates": 0,
+        "dead_lettered": 0,
+        "batches": 3,
+    }
 
 
 def test_unreadable_file_is_a_clear_error(store, pm, tmp_path):

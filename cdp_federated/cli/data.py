@@ -10,7 +10,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from sqlalchemy import func, select
 
@@ -20,7 +26,9 @@ from ..settings import SETTINGS, default_db_url, normalize_db_url
 from . import app
 
 console = Console(stderr=True, soft_wrap=True)
-DbOption = Annotated[str | None, typer.Option("--db", envvar="CDP_FL_DB", help="SQLAlchemy URL or SQLite path.")]
+DbOption = Annotated[
+    str | None, typer.Option("--db", envvar="CDP_FL_DB", help="SQLAlchemy URL or SQLite path.")
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 db_app = typer.Typer(help="Create and inspect the local store.", no_args_is_help=True)
@@ -41,7 +49,9 @@ def _parse_as_of(as_of: str | None) -> datetime:
     try:
         value = datetime.fromisoformat(as_of)
     except ValueError:
-        raise ConfigError("--as-of is not ISO 8601", field="--as-of", value=as_of, fix="e.g. 2026-09-01T00:00:00Z") from None
+        raise ConfigError(
+            "--as-of is not ISO 8601", field="--as-of", value=as_of, fix="e.g. 2026-09-01T00:00:00Z"
+        ) from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
@@ -66,8 +76,16 @@ def db_info(db: DbOption = None, as_json: JsonOption = False) -> None:
     from ..store import open_store, schema
 
     store = open_store(_url(db))
-    tables = [schema.profiles, schema.identifiers, schema.events, schema.consent_records,
-              schema.dead_letters, schema.profile_features, schema.profile_labels, schema.models]
+    tables = [
+        schema.profiles,
+        schema.identifiers,
+        schema.events,
+        schema.consent_records,
+        schema.dead_letters,
+        schema.profile_features,
+        schema.profile_labels,
+        schema.models,
+    ]
     counts = {}
     with store.engine.connect() as conn:
         for table in tables:
@@ -86,8 +104,12 @@ def ingest(
     path: Annotated[str, typer.Argument(help="Segment JSONL file, or - for standard input.")],
     db: DbOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Events per transaction.")] = None,
-    as_of: Annotated[str | None, typer.Option(help="Features as of this ISO time (default now).")] = None,
-    skip_features: Annotated[bool, typer.Option("--skip-features", help="Do not refresh features.")] = False,
+    as_of: Annotated[
+        str | None, typer.Option(help="Features as of this ISO time (default now).")
+    ] = None,
+    skip_features: Annotated[
+        bool, typer.Option("--skip-features", help="Do not refresh features.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Validate, de-duplicate and apply Segment-spec events; bad ones go to the dead-letter table."""
@@ -102,10 +124,14 @@ def ingest(
     started = time.perf_counter()
     total = Path(path).stat().st_size if path != "-" and Path(path).is_file() else None
     columns = [BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress("[progress.description]{task.description}", *columns, console=console, disable=as_json) as bar:
+    with Progress(
+        "[progress.description]{task.description}", *columns, console=console, disable=as_json
+    ) as bar:
         task = bar.add_task("ingesting", total=total)
         with handle:
-            stats = host.ingest_stream(handle, source=path, on_progress=lambda n: bar.advance(task, n))
+            stats = host.ingest_stream(
+                handle, source=path, on_progress=lambda n: bar.advance(task, n)
+            )
     profiles = None if skip_features else build_features(store, _parse_as_of(as_of))
     seconds = time.perf_counter() - started
     result = make_result(
@@ -133,7 +159,9 @@ def ingest(
 
 @app.command("dead-letters")
 def dead_letters(
-    db: DbOption = None, limit: Annotated[int, typer.Option(help="Rows to show.")] = 20, as_json: JsonOption = False
+    db: DbOption = None,
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """Show dead-lettered events with their reasons."""
     from ..store import open_store, schema
@@ -141,10 +169,14 @@ def dead_letters(
     store = open_store(_url(db))
     t = schema.dead_letters
     with store.engine.connect() as conn:
-        rows = conn.execute(select(t.c.source, t.c.line_no, t.c.code, t.c.reason).order_by(t.c.id).limit(limit)).all()
+        rows = conn.execute(
+            select(t.c.source, t.c.line_no, t.c.code, t.c.reason).order_by(t.c.id).limit(limit)
+        ).all()
         counts = dict(conn.execute(select(t.c.code, func.count()).group_by(t.c.code)).all())
     if as_json:
-        typer.echo(json.dumps({"counts": counts, "rows": [dict(r._mapping) for r in rows]}, indent=2))
+        typer.echo(
+            json.dumps({"counts": counts, "rows": [dict(r._mapping) for r in rows]}, indent=2)
+        )
         return
     out = Table("source", "line", "code", "reason", title=f"dead letters ({sum(counts.values())})")
     for r in rows:
@@ -156,7 +188,9 @@ def dead_letters(
 def features_build(
     db: DbOption = None,
     as_of: Annotated[str | None, typer.Option(help="ISO time; default now.")] = None,
-    label_window_days: Annotated[int | None, typer.Option(help="Also build label 'purchased_<N>d'.")] = None,
+    label_window_days: Annotated[
+        int | None, typer.Option(help="Also build label 'purchased_<N>d'.")
+    ] = None,
 ) -> None:
     """Recompute profile features (and optionally a purchase label) from stored events."""
     from ..features import build_features, build_labels, read_events

@@ -19,28 +19,49 @@ def demo(
     seed: Annotated[int, typer.Option(help="Scenario seed.")] = 7,
     customers: Annotated[int, typer.Option(help="Customers across the three regions.")] = 6000,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 30,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON on stdout.")
+    ] = False,
 ) -> None:
     """Three regional data centres of one retailer train a purchase-propensity model together."""
     from ..demo import run_demo
 
     err = Console(stderr=True)
     with err.status("starting") as status:
-        result = run_demo(out, seed=seed, customers=customers, rounds=rounds, on_step=lambda m: status.update(m))
+        result = run_demo(
+            out, seed=seed, customers=customers, rounds=rounds, on_step=lambda m: status.update(m)
+        )
     if as_json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
         return
     console = Console()
     funnel = Table(title="Per participant: events in, consent funnel, training rows")
-    for col in ("participant", "events", "applied", "dead-lettered", "duplicates", "profiles",
-                "consented", "trained", "held out", "database"):
+    for col in (
+        "participant",
+        "events",
+        "applied",
+        "dead-lettered",
+        "duplicates",
+        "profiles",
+        "consented",
+        "trained",
+        "held out",
+        "database",
+    ):
         funnel.add_column(col, justify="left" if col in ("participant", "database") else "right")
     for name, f in result["funnel"].items():
         ing = result["ingest"][name]
         funnel.add_row(
-            name, f"{ing['received']:,}", f"{ing['applied']:,}", f"{ing['dead_lettered']:,}",
-            f"{ing['duplicates']:,}", f"{f['rows_in']:,}", f"{f['consented']:,}", f"{f['trained']:,}",
-            f"{result['test_rows_per_party'][name]:,}", result["databases"][name],
+            name,
+            f"{ing['received']:,}",
+            f"{ing['applied']:,}",
+            f"{ing['dead_lettered']:,}",
+            f"{ing['duplicates']:,}",
+            f"{f['rows_in']:,}",
+            f"{f['consented']:,}",
+            f"{f['trained']:,}",
+            f"{result['test_rows_per_party'][name]:,}",
+            result["databases"][name],
         )
     console.print(funnel)
     scores = Table(title="Held-out customers")

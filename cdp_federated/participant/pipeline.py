@@ -75,11 +75,16 @@ def load_consented(
     return frame, Funnel(rows_in=rows_in, consented=frame.height)
 
 
-def split_train_test(frame: pl.DataFrame, test_fraction: float, *, salt: str = "") -> tuple[pl.DataFrame, pl.DataFrame]:
+def split_train_test(
+    frame: pl.DataFrame, test_fraction: float, *, salt: str = ""
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Deterministic customer-level split: a profile is in the test set when the SHA-256 of its id
     falls in the first ``test_fraction`` of the hash space (stable across runs and versions)."""
     ids = frame[PROFILE_ID].to_list()
     cut = int(test_fraction * 2**32)
-    is_test = [int.from_bytes(hashlib.sha256((salt + pid).encode()).digest()[:4], "big") < cut for pid in ids]
+    is_test = [
+        int.from_bytes(hashlib.sha256((salt + pid).encode()).digest()[:4], "big") < cut
+        for pid in ids
+    ]
     mask = pl.Series("is_test", is_test, dtype=pl.Boolean)
     return frame.filter(~mask), frame.filter(mask)

@@ -63,18 +63,24 @@ class EveryHook:
 
     @hookimpl
     def cdp_job_started(self, job: Any, participants: list[str]) -> None:
-        self.calls.append(("cdp_job_started", {"job": job.job_id, "participants": list(participants)}))
+        self.calls.append(
+            ("cdp_job_started", {"job": job.job_id, "participants": list(participants)})
+        )
 
     @hookimpl
     def cdp_round_ended(self, job: Any, round_number: int, metrics: dict[str, Any]) -> None:
         self.calls.append(("cdp_round_ended", {"round": round_number, "metrics": dict(metrics)}))
 
     @hookimpl
-    def cdp_model_published(self, job: Any, model_id: str, path: str, lineage: dict[str, Any]) -> None:
+    def cdp_model_published(
+        self, job: Any, model_id: str, path: str, lineage: dict[str, Any]
+    ) -> None:
         self.calls.append(("cdp_model_published", {"model_id": model_id, "path": path}))
 
     @hookimpl
-    def cdp_score_profile(self, profile_id: str, store: Any, model_id: str | None, purpose: str) -> Any:
+    def cdp_score_profile(
+        self, profile_id: str, store: Any, model_id: str | None, purpose: str
+    ) -> Any:
         self.calls.append(("cdp_score_profile", {"profile_id": profile_id}))
         if profile_id == "fixture-vip":
             return {"profile_id": profile_id, "model_id": "fixture", "score": 1.0}
