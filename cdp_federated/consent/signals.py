@@ -28,6 +28,9 @@ EU_EEA = frozenset(
 CONSENT_MODE_KEYS = ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization")
 
 
+_BY_COUNTRY: dict[str, str] = {}  # country code as sent -> jurisdiction, for codes without regions
+
+
 def jurisdiction_of(context: dict[str, Any]) -> str | None:
     """``EU``, ``UK``, ``US-<state>`` (or ``US``), or the ISO country code; None when unknown."""
     location = context.get("location")
@@ -36,17 +39,19 @@ def jurisdiction_of(context: dict[str, Any]) -> str | None:
     country = location.get("country")
     if not isinstance(country, str) or len(country) != 2:
         return None
-    country = country.upper()
-    if country in EU_EEA:
-        return "EU"
-    if country in ("GB", "UK"):
-        return "UK"
-    if country == "US":
+    known = _BY_COUNTRY.get(country)  # per-event hot path: most events come from a few countries
+    if known is not None:
+        return known
+    code = country.upper()
+    if code == "US":
         region = location.get("region")
         if isinstance(region, str) and 2 <= len(region) <= 3:
             return f"US-{region.upper()}"
         return "US"
-    return country
+    place = "EU" if code in EU_EEA else "UK" if code in ("GB", "UK") else code
+    if len(_BY_COUNTRY) < 4096 and type(country) is str:
+        _BY_COUNTRY[country] = place
+    return place
 
 
 def _raw(value: Any) -> str:

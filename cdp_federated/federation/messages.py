@@ -1,0 +1,214 @@
+"""Typed federation messages: frozen dataclasses, each registered with a wire type name and version.
+
+A message's fields are either *arrays* (numpy arrays, sent as raw little-endian buffers) or
+*scalars* (``int``, ``float``, ``str``, ``bool``, JSON-safe ``dict``/``list``, sent in the JSON
+header). Registration records which is which and which array dtype kinds a field accepts, so the
+codec can refuse anything else at the boundary. Every float array must be finite on the wire: a
+participant must not be able to poison a model (or an aggregate) with NaN or Inf.
+
+The federation layer knows no algorithm: the fields below say what travels, not how it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "Message",
+    "MESSAGE_TYPES",
+    "register",
+    "StatsIns",
+    "StatsRes",
+    "FitIns",
+    "FitRes",
+    "EvaluateIns",
+    "EvaluateRes",
+    "Failure",
+]
+
+# Array dtype kinds a field may declare: floats, or integer counts (signed or unsigned), or bools.
+FLOAT, INTEGER, BOOLEAN = "f", "iu", "b"
+_SCALAR_KINDS = {int: "int", float: "float", str: "str", bool: "bool", dict: "dict", list: "list"}
+
+
+class Message:
+    """Base of every wire message. Subclasses are frozen dataclasses decorated with :func:`register`."""
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int]
+    ARRAYS: ClassVar[Mapping[str, str]]  # array field -> accepted dtype kinds
+    SCALARS: ClassVar[Mapping[str, str]]  # scalar field -> "int" | "float" | "str" | ...
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+def _scalar_kind(cls: type, name: str, hint: Any) -> str:
+    origin = typing.get_origin(hint) or hint
+    kind = _SCALAR_KINDS.get(origin)
+    if kind is None:
+        raise TypeError(f"{cls.__name__}.{name}: unsupported wire type {hint!r}")
+    return kind
+
+
+def register(
+    type_name: str,
+    *,
+    version: int,
+    arrays: Mapping[str, str] | None = None,
+    registry: dict[str, type[Message]] | None = None,
+) -> Callable[[type[Message]], type[Message]]:
+    """Class decorator: register a frozen dataclass as wire type ``type_name`` at ``version``.
+
+    ``arrays`` maps each array field to the dtype kinds it accepts (``"f"`` floats, ``"iu"``
+    integers, ``"b"`` booleans); every other field is a scalar typed by its annotation.
+    ``registry`` defaults to :data:`MESSAGE_TYPES` (tests pass their own).
+    """
+    target = MESSAGE_TYPES if registry is None else registry
+    array_kinds = dict(arrays or {})
+
+    def decorate(cls: type[Message]) -> type[Message]:
+        if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            raise TypeError(f"{cls.__name__} must be a frozen dataclass")
+        if type_name in target and target[type_name] is not cls:
+            raise TypeError(f"message type {type_name!r} is already registered")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(array_kinds) - set(names)
+        if unknown:
+            raise TypeError(f"{cls.__name__}: array fields {sorted(unknown)} are not fields")
+        cls.TYPE = type_name
+        cls.VERSION = version
+        cls.ARRAYS = array_kinds
+        cls.SCALARS = {n: _scalar_kind(cls, n, hints[n]) for n in names if n not in array_kinds}
+        target[type_name] = cls
+        return cls
+
+    return decorate
+
+
+def _empty() -> np.ndarray:
+    return np.zeros(0)
+
+
+# --- Federated standardisation -------------------------------------------------------------------
+
+
+@register("stats_ins", version=1)
+@dataclasses.dataclass(frozen=True, eq=False)
+class StatsIns(Message):
+    """Ask a participant for the moments of its ``split`` of ``job`` (a ``JobSpec.to_dict()``)."""
+
+    job: dict[str, Any]
+    split: str = "train"
+
+
+@register(
+    "stats_res",
+    version=1,
+    arrays={"sums": FLOAT, "scatter": FLOAT},
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class StatsRes(Message):
+    """Aggregate moments of one participant's rows (never a row).
+
+    ``sums[j]`` is the sum of feature ``j``; ``scatter`` (d x d) the sum of outer products of the
+    rows' deviations from this participant's own mean (its diagonal is the per-feature sum of
+    squared deviations), which combines across parties without cancellation error.
+    ``label_positives`` is the sum of the 0/1 label.
+    """
+
+    count: int
+    sums: np.ndarray
+    scatter: np.ndarray
+    label_positives: float
+
+
+# --- Training ------------------------------------------------------------------------------------
+
+
+@register(
+    "fit_ins",
+    version=1,
+    arrays={"parameters": FLOAT, "mean": FLOAT, "scale": FLOAT, "preconditioner": FLOAT},
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitIns(Message):
+    """Train locally for round ``round`` starting from ``parameters``.
+
+    Features are standardised as ``(x - mean) / scale`` first. ``preconditioner`` is a square
+    matrix applied to local gradients (empty: plain gradient steps). ``config`` holds the task's
+    scalar settings (learning rate, local steps, regularisation...).
+    """
+
+    job: dict[str, Any]
+    round: int
+    parameters: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    config: dict[str, Any]
+    preconditioner: np.ndarray = dataclasses.field(default_factory=_empty)
+
+
+@register("fit_res", version=1, arrays={"parameters": FLOAT})
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitRes(Message):
+    """Locally updated ``parameters``, the ``num_examples`` they were trained on, and scalar
+    ``metrics`` about the round (for example the incoming model's mean training loss)."""
+
+    parameters: np.ndarray
+    num_examples: int
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# --- Evaluation ----------------------------------------------------------------------------------
+
+
+@register(
+    "evaluate_ins",
+    version=1,
+    arrays={"parameters": FLOAT, "mean": FLOAT, "scale": FLOAT},
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvaluateIns(Message):
+    """Score the ``split`` rows with ``parameters`` and report ``bins`` score histograms."""
+
+    job: dict[str, Any]
+    split: str
+    parameters: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    bins: int
+
+
+@register("evaluate_res", version=1, arrays={"positives": INTEGER, "negatives": INTEGER})
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvaluateRes(Message):
+    """Per-class score histograms: ``positives[i]`` / ``negatives[i]`` count rows with label 1 / 0
+    whose score falls in bin ``i`` of ``bins`` equal-width bins over [0, 1]. Plus the summed
+    log loss and the row count. Never per-row scores."""
+
+    positives: np.ndarray
+    negatives: np.ndarray
+    log_loss_sum: float
+    count: int
+
+
+# --- Errors --------------------------------------------------------------------------------------
+
+
+@register("failure", version=1)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Failure(Message):
+    """A participant could not serve a request: at which ``stage``, the error's type name and its
+    one-line message (which, like every error text, must name no row or identifier)."""
+
+    participant: str
+    stage: str
+    error_type: str
+    message: str

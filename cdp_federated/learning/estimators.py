@@ -1,0 +1,249 @@
+"""The exported model: a scikit-learn compatible logistic regression built from federated parameters.
+
+``coef_`` and ``intercept_`` apply to standardised features ``(X - mean_) / scale_``, as the last
+step of a ``StandardScaler`` + ``LogisticRegression`` pipeline would; :meth:`decision_function`
+standardises first, so callers pass raw feature values. Saved as JSON (:meth:`to_dict`), never
+pickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from ..errors import ModelFormatError, SchemaMismatchError
+from . import logreg
+from .aggregate import combine_moments, local_moments
+
+__all__ = ["FederatedLogisticRegression", "MODEL_FORMAT", "MODEL_VERSION"]
+
+MODEL_FORMAT = "cdp_federated.FederatedLogisticRegression"
+MODEL_VERSION = 1
+_FITTED = (
+    "coef_",
+    "intercept_",
+    "classes_",
+    "mean_",
+    "scale_",
+    "n_features_in_",
+    "feature_names_in_",
+)
+
+
+def _is_frame(X: Any) -> bool:
+    return hasattr(X, "columns") and not isinstance(X, np.ndarray)  # pandas or polars
+
+
+class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
+    """Binary L2 logistic regression on standardised features.
+
+    Usually built from a federated run with :meth:`from_parameters`. :meth:`fit` trains on one
+    party's rows with the same objective (scikit-learn's ``C``) and standardisation, which is what
+    a centralised baseline or a single-party job needs.
+    """
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = 100, tol: float = 1e-10) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+
+    # --- building --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_parameters(
+        cls,
+        parameters: np.ndarray,
+        *,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        feature_names: Sequence[str] | None = None,
+        classes: Sequence[Any] = (0, 1),
+        C: float = 1.0,
+    ) -> FederatedLogisticRegression:
+        """A fitted estimator from the flat parameter vector ``[w..., b]`` and the standardisation."""
+        parameters = np.asarray(parameters, dtype=np.float64)
+        mean = np.asarray(mean, dtype=np.float64)
+        scale = np.asarray(scale, dtype=np.float64)
+        d = parameters.size - 1
+        if parameters.ndim != 1 or d < 0 or mean.shape != (d,) or scale.shape != (d,):
+            raise ModelFormatError(
+                "parameters, mean and scale do not describe the same features",
+                field="parameters",
+                value={"parameters": parameters.shape, "mean": mean.shape, "scale": scale.shape},
+                fix="pass d+1 parameters (weights then intercept) and d means and scales",
+            )
+        if not (np.isfinite(parameters).all() and np.isfinite(mean).all()) or (scale <= 0).any():
+            raise ModelFormatError(
+                "parameters and mean must be finite and scale positive",
+                field="parameters",
+                fix="train again; a model must not carry NaN or Inf",
+            )
+        model = cls(C=C)
+        model._set_fitted(parameters, mean, scale, feature_names, classes)
+        return model
+
+    def _set_fitted(
+        self,
+        parameters: np.ndarray,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        feature_names: Sequence[str] | None,
+        classes: Sequence[Any],
+    ) -> None:
+        d = parameters.size - 1
+        if len(classes) != 2:
+            raise ModelFormatError(
+                "a binary model needs two classes", field="classes", value=classes
+            )
+        names = None
+        if feature_names is not None:
+            names = np.asarray([str(n) for n in feature_names], dtype=object)
+            if names.shape != (d,):
+                raise ModelFormatError(
+                    "one feature name per coefficient is needed",
+                    field="feature_names",
+                    value=list(feature_names),
+                )
+        for attr in _FITTED:
+            self.__dict__.pop(attr, None)
+        self.coef_ = parameters[:-1].reshape(1, d).copy()
+        self.intercept_ = parameters[-1:].copy()
+        self.classes_ = np.asarray(classes)
+        self.mean_ = mean.copy()
+        self.scale_ = scale.copy()
+        self.n_features_in_ = d
+        if names is not None:
+            self.feature_names_in_ = names
+
+    def fit(self, X: Any, y: Any) -> FederatedLogisticRegression:
+        """Fit on one party's rows (centralised): standardise, then Newton's method."""
+        names = [str(c) for c in X.columns] if _is_frame(X) else None
+        x = self._as_matrix(X, names, check_width=False)
+        y = np.asarray(y).ravel()
+        classes = np.unique(y)
+        if y.shape[0] != x.shape[0] or classes.size != 2:
+            raise ValueError(
+                f"need one label per row and exactly two classes, got {classes.size} classes"
+            )
+        n, sums, scatter = local_moments(x)
+        moments = combine_moments([n], [sums], [scatter])
+        z = (x - moments.mean) / moments.scale
+        labels = (y == classes[1]).astype(np.float64)
+        theta = logreg.fit_newton(z, labels, c=self.C, max_iter=self.max_iter, tol=self.tol)
+        self._set_fitted(theta, moments.mean, moments.scale, names, classes)
+        return self
+
+    # --- predicting ------------------------------------------------------------------------------
+
+    def _as_matrix(
+        self, X: Any, columns: list[str] | None = None, *, check_width: bool = True
+    ) -> np.ndarray:
+        """Float64 matrix of ``X``; frames are matched to ``columns`` (default: the fitted
+        feature names) by name, extra columns are ignored."""
+        if _is_frame(X):
+            available = [str(c) for c in X.columns]
+            wanted = columns or list(getattr(self, "feature_names_in_", available))
+            missing = [c for c in wanted if c not in available]
+            if missing:
+                raise SchemaMismatchError(
+                    f"input lacks the model's feature columns {missing}",
+                    field="columns",
+                    value=missing,
+                    fix=f"pass a frame with columns {wanted}",
+                )
+            x = np.asarray(X[wanted].to_numpy(), dtype=np.float64)
+        else:
+            x = np.asarray(X, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"expected a 2-d input, got shape {x.shape}")
+        expected = getattr(self, "n_features_in_", x.shape[1]) if check_width else x.shape[1]
+        if x.shape[1] != expected:
+            raise ValueError(f"X has {x.shape[1]} features, the model expects {expected}")
+        if not np.isfinite(x).all():
+            raise ValueError("X contains NaN or Inf; impute or drop those rows first")
+        return x
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Logits of the positive class: ``((X - mean_) / scale_) @ coef_.T + intercept_``."""
+        check_is_fitted(self)
+        z = (self._as_matrix(X) - self.mean_) / self.scale_
+        return z @ self.coef_[0] + self.intercept_[0]
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probabilities of ``classes_[0]`` and ``classes_[1]``, one row per input row."""
+        p = logreg.sigmoid(self.decision_function(X))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X: Any) -> np.ndarray:
+        """``classes_[1]`` where the logit is positive, else ``classes_[0]``."""
+        positive = self.decision_function(X) > 0
+        return self.classes_[positive.astype(np.int64)]
+
+    # --- JSON ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description of the fitted model (the registry stores it as ``model.json``)."""
+        check_is_fitted(self)
+        out = {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "params": {"C": float(self.C), "max_iter": int(self.max_iter), "tol": float(self.tol)},
+            "coef": self.coef_[0].tolist(),
+            "intercept": float(self.intercept_[0]),
+            "classes": self.classes_.tolist(),
+            "mean": self.mean_.tolist(),
+            "scale": self.scale_.tolist(),
+            "n_features_in": int(self.n_features_in_),
+        }
+        if hasattr(self, "feature_names_in_"):
+            out["feature_names_in"] = [str(n) for n in self.feature_names_in_]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FederatedLogisticRegression:
+        """Inverse of :meth:`to_dict`; a malformed document is a :class:`ModelFormatError`."""
+        if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
+            raise ModelFormatError(
+                "not a FederatedLogisticRegression document",
+                field="format",
+                value=data.get("format") if isinstance(data, dict) else type(data).__name__,
+                fix="load a model.json written by this release",
+            )
+        if data.get("version") != MODEL_VERSION:
+            raise ModelFormatError(
+                "unsupported model version",
+                field="version",
+                value=data.get("version"),
+                fix=f"this release reads version {MODEL_VERSION}",
+            )
+        try:
+            params = dict(data["params"])
+            parameters = [*data["coef"], data["intercept"]]
+            model = cls.from_parameters(
+                np.asarray(parameters, dtype=np.float64),
+                mean=np.asarray(data["mean"], dtype=np.float64),
+                scale=np.asarray(data["scale"], dtype=np.float64),
+                feature_names=data.get("feature_names_in"),
+                classes=data["classes"],
+                C=float(params.get("C", 1.0)),
+            )
+            model.set_params(**{k: v for k, v in params.items() if k != "C"})
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ModelFormatError):
+                raise
+            raise ModelFormatError(
+                f"model document is incomplete or malformed: {exc!r}",
+                field="model",
+                fix="restore model.json from the registry",
+            ) from exc
+        if model.n_features_in_ != data.get("n_features_in"):
+            raise ModelFormatError(
+                "n_features_in does not match the coefficients",
+                field="n_features_in",
+                value=data.get("n_features_in"),
+            )
+        return model
