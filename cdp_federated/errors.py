@@ -28,6 +28,11 @@ __all__ = [
     "ModelFormatError",
     "PluginError",
     "PolicyViolation",
+    "TCFError",
+    "PolicySchemaError",
+    "AuditIntegrityError",
+    "AuditKeyError",
+    "BudgetExceededError",
 ]
 
 _MAX_VALUE_CHARS = 120
@@ -159,3 +164,29 @@ class PolicyViolation(CDPFederatedError, PermissionError):
     def __init__(self, message: str, *, reasons: tuple[str, ...] = (), **kwargs: Any) -> None:
         self.reasons = reasons
         super().__init__(message, **kwargs)
+
+
+class TCFError(CDPFederatedError, ValueError):
+    """An IAB TCF TC string is malformed, truncated, of an unsupported version or violates policy."""
+
+
+class PolicySchemaError(ConfigError):
+    """A policy file does not match the published schema; ``errors`` lists ``(line, path, message)``."""
+
+    def __init__(
+        self, message: str, *, errors: tuple[tuple[int | None, str, str], ...] = (), **kwargs: Any
+    ) -> None:
+        self.errors = errors
+        super().__init__(message, **kwargs)
+
+
+class AuditIntegrityError(CDPFederatedError, RuntimeError):
+    """The audit chain does not verify (edited, deleted, reordered or truncated entries)."""
+
+
+class AuditKeyError(ConfigError):
+    """The audit signing key is missing, unreadable or does not match the signed heads."""
+
+
+class BudgetExceededError(PolicyViolation):
+    """A job would spend more privacy budget (epsilon) than the policy's window allows."""

@@ -115,7 +115,9 @@ def cdp_job_started(job: JobSpec, participants: list[str]) -> None:
 @hookspec
 def cdp_round_ended(job: JobSpec, round_number: int, metrics: dict[str, Any]) -> None:
     """Called after round ``round_number`` (1-based) is committed, with the round's aggregate
-    metrics (never per-party values). Every implementation is called; return value ignored.
+    metrics (never per-party values): ``round``, ``train_loss`` (example-weighted mean),
+    ``participants`` (names that reported), ``failed`` (names that did not) and ``num_examples``
+    (total). Every implementation is called; return value ignored.
     """
 
 

@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     from ..plugins import make_plugin_manager
-    from . import data, demo  # noqa: F401 - commands register on import
+    from . import audit, consent, data, demo, policy  # noqa: F401 - commands register on import
 
     try:
         make_plugin_manager().hook.cdp_register_cli_commands(app=app)

@@ -22,7 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: audit checkpoints and the privacy budget ledger
 
 metadata = MetaData()
 
@@ -145,6 +145,35 @@ audit_entries = Table(
     Column("payload", JSON, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+)
+
+# Signed chain heads. The signing key lives outside the database, so a writer of this table
+# cannot forge a checkpoint; the latest head is also anchored outside the database (see
+# governance/audit.py) so deleting the newest checkpoints with the tail is detected too.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("entry_seq", Integer, nullable=False),
+    Column("head_hash", String(64), nullable=False),
+    Column("signed_at", DateTime(timezone=True), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", String(128), nullable=False),
+)
+
+# Epsilon charged per data source by each job; a job is charged once per source (idempotent).
+privacy_budget = Table(
+    "privacy_budget",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source", String(128), nullable=False),
+    Column("job_id", String(64), nullable=False),
+    Column("policy_hash", String(64), nullable=False),
+    Column("epsilon", Float, nullable=False),
+    Column("delta", Float, nullable=False),
+    Column("spent_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("source", "job_id", name="uq_privacy_budget_source_job"),
+    Index("ix_privacy_budget_source_time", "source", "spent_at"),
 )
 
 jobs = Table(
