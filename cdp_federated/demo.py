@@ -4,12 +4,16 @@ Each region's Segment log is ingested into its own store, features and a 30-day 
 derived as of the cutoff, rows are filtered by consent at training time through the SQL connector
 (the ledger's allowed ids pushed down as a semi-join), and a federated logistic regression is
 trained in-process across the three. The coordinator sees parameters, sums and score histograms
-only. As a simulation, the demo also pools the training rows to fit a centralized scikit-learn
+only. Each participant runs under its own copy of a policy (``policies/internal-regions.yaml`` by
+default): it decides locally before reading a row and again once its consented rows are counted,
+re-checks consent every round, and records every decision, its consent funnel, each round and the
+published model in its own signed, hash-chained audit log. As a simulation, the demo also pools the training rows to fit a centralized scikit-learn
 baseline on exactly the same rows, which a real federation could not do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -22,13 +26,19 @@ import pluggy
 import polars as pl
 
 from .connector import ConnectorConfig, ConnectorRegistry
+from .consent.ledger import allowed_ids
 from .coordinator.runner import run_horizontal
 from .demo_data import generate_scenario
+from .errors import ConfigError
 from .features import FEATURE_COLUMNS, build_features, build_labels, read_events
 from .federation.transport import InProcessTransport
+from .governance.audit import AuditLog
+from .governance.engine import DecisionContext
+from .governance.policy import Policy, load_policy
 from .host import Host
 from .jobs import JobSpec
 from .participant.agent import ParticipantAgent
+from .participant.governance import LocalGovernance
 from .participant.pipeline import Funnel, check_policy, load_consented, split_train_test
 from .plugins import make_plugin_manager
 from .registry import save_model
@@ -40,6 +50,8 @@ __all__ = ["run_demo", "DEMO_QUERY", "LABEL"]
 
 LABEL = "purchased_30d"
 PURPOSE = "model_training"
+OUTPUT_USE = "scoring"
+DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "internal-regions.yaml"
 # What a participant exposes to training: features, the label and the jurisdiction, per profile.
 DEMO_QUERY = (
     "SELECT f.*, p.jurisdiction, l.value AS purchased_30d FROM profile_features f "
@@ -55,6 +67,7 @@ class _Party:
     test: pl.DataFrame
     funnel: Funnel
     ingest: dict[str, int]
+    governance: LocalGovernance
 
 
 def _prepare_party(
@@ -68,6 +81,9 @@ def _prepare_party(
     cutoff: datetime,
     trained_at: datetime,
     label_window_days: int,
+    policy: Policy,
+    context: DecisionContext,
+    key_dir: Path,
 ) -> _Party:
     url = normalize_db_url(db_path)
     store = open_store(url, create=True)
@@ -75,7 +91,11 @@ def _prepare_party(
     events = read_events(store).collect().lazy()
     build_features(store, cutoff, events=events)
     build_labels(store, cutoff, name=LABEL, window_days=label_window_days, events=events)
-    check_policy(pm, job, name)  # governance first: before any training row is read
+    audit = AuditLog.open(store, key_path=key_dir / f"{name}-audit.key", create_key=True)
+    governance = LocalGovernance(policy, audit, context)
+    # Governance first: the local policy and every plugin decide before any training row is read.
+    governance.decide(job, stage="before_read")
+    check_policy(pm, job, name)
     config = ConnectorConfig(
         type="sql",
         name=name,
@@ -87,10 +107,52 @@ def _prepare_party(
     )
     with registry.open(config) as connector:
         frame, funnel = load_consented(
-            connector, pm=pm, purpose=job.purpose, at=trained_at, ledger=store
+            connector,
+            pm=pm,
+            purpose=job.purpose,
+            at=trained_at,
+            ledger=store,
+            rule=governance.consent_rule(job),
         )
+    governance.decide(job, stage="after_consent", rows_available=funnel.consented)
     train, test = split_train_test(frame, float(job.params.get("test_fraction", 0.2)))
-    return _Party(store, train, test, funnel, stats.to_dict())
+    governance.consent_filtered(
+        job, rows_in=funnel.rows_in, consented=funnel.consented, aligned=None, trained=train.height
+    )
+    governance.job_started(job)
+    return _Party(store, train, test, funnel, stats.to_dict(), governance)
+
+
+def _contexts(policy: Policy, names: list[str], now: datetime) -> dict[str, DecisionContext]:
+    """How each demo participant describes itself to its own policy engine."""
+    coordinator = next((p for p in policy.partners if "coordinator" in p.roles), None)
+    out = {}
+    for name in names:
+        partner = policy.partner(name)
+        out[name] = DecisionContext(
+            participant=name,
+            now=now,
+            organisation=partner.organisation if partner else None,
+            region=partner.region if partner else None,
+            coordinator_region=coordinator.region if coordinator else None,
+            partners=tuple(names),
+            identity_method=None,  # horizontal: no record linkage between participants
+            secure_aggregation=False,
+            output_use=OUTPUT_USE,
+        )
+    return out
+
+
+def _load_policy(path: Path | None) -> Policy:
+    path = Path(path) if path is not None else DEFAULT_POLICY
+    if not path.is_file():
+        raise ConfigError(
+            "policy file not found",
+            field="--policy",
+            value=str(path),
+            fix="give a policy YAML (templates are in the repository's policies/ folder)",
+        )
+    return load_policy(path)
 
 
 def _centralized_auc(parties: dict[str, _Party], features: list[str], c: float) -> float:
@@ -116,11 +178,17 @@ def run_demo(
     customers: int = 6000,
     rounds: int = 30,
     pm: pluggy.PluginManager | None = None,
+    policy: Path | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole scenario under ``out_dir`` (replaced) and return the shared result schema."""
+    """Run the whole scenario under ``out_dir`` (replaced) and return the shared result schema.
+
+    A participant whose policy refuses the job raises
+    :class:`~cdp_federated.errors.PolicyViolation` with every failed rule, after recording the
+    refusal in its audit log."""
     step = on_step or (lambda _msg: None)
     started = time.perf_counter()
+    the_policy = _load_policy(policy)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -141,6 +209,7 @@ def run_demo(
         params={"C": 1.0, "test_fraction": 0.2},
     )
     trained_at = scenario.cutoff + timedelta(days=scenario.label_window_days)
+    contexts = _contexts(the_policy, list(scenario.region_files), trained_at)
     parties: dict[str, _Party] = {}
     for name, path in scenario.region_files.items():
         step(f"{name}: ingesting events, deriving features, filtering by consent")
@@ -154,15 +223,43 @@ def run_demo(
             cutoff=scenario.cutoff,
             trained_at=trained_at,
             label_window_days=scenario.label_window_days,
+            policy=the_policy,
+            context=contexts[name],
+            key_dir=out_dir / "keys",
         )
 
     def provider(party: _Party) -> Callable[[JobSpec, str], pl.DataFrame]:
         return lambda _job, split: party.train if split == "train" else party.test
 
-    agents = {name: ParticipantAgent(name, provider(party)) for name, party in parties.items()}
+    def gate(party: _Party) -> Callable[[JobSpec], pl.Series]:
+        rule = party.governance.consent_rule(job)  # consent re-checked every round
+        return lambda j: (
+            allowed_ids(party.store, j.purpose, trained_at, rule=rule)
+            .as_frame()
+            .collect()
+            .get_column("profile_id")
+        )
+
+    agents = {
+        name: ParticipantAgent(name, provider(party), consent_gate=gate(party))
+        for name, party in parties.items()
+    }
     transport = InProcessTransport({name: agent.handle for name, agent in agents.items()})
     step(f"training: {rounds} rounds of FedAvg across {len(parties)} participants")
-    result = run_horizontal(job, transport, pm=pm)
+
+    def on_round(record) -> None:
+        metrics = {
+            "round": record.round,
+            "participants": list(record.participants),
+            "failed": sorted(record.failures),
+            "train_loss": record.train_loss,
+        }
+        for name, party in parties.items():
+            if name in record.participants:
+                local = party.train.height - agents[name].revoked.get("train", 0)
+                party.governance.round_committed(job, metrics, local)
+
+    result = run_horizontal(job, transport, pm=pm, on_round=on_round)
     centralized = _centralized_auc(parties, list(job.features), float(job.params["C"]))
 
     rows = {name: p.train.height for name, p in parties.items()}
@@ -176,6 +273,11 @@ def run_demo(
         "consent_evaluated_at": trained_at.isoformat(),
         "features_as_of": scenario.cutoff.isoformat(),
         "params": job.params | {"rounds": rounds},
+        "policy": {
+            "name": the_policy.name,
+            "version": the_policy.version,
+            "hash": the_policy.content_hash,
+        },
         "metrics": {"auc": round(result.auc, 4), "logloss": round(result.logloss, 4)},
     }
     model_id, model_path = save_model(
@@ -186,7 +288,11 @@ def run_demo(
         stores=[p.store for p in parties.values()],
     )
     pm.hook.cdp_model_published(job=job, model_id=model_id, path=str(model_path), lineage=lineage)
-    for party in parties.values():
+    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+    audit = {}
+    for name, party in parties.items():
+        party.governance.model_published(job, model_id, digest, str(model_path))
+        audit[name] = party.governance.close()
         party.store.dispose()
     return make_result(
         command="demo",
@@ -204,4 +310,6 @@ def run_demo(
         databases={name: p.store.display_url for name, p in parties.items()},
         model_path=str(model_path),
         model_id=model_id,
+        policy=lineage["policy"],
+        audit=audit,
     )

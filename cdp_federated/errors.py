@@ -32,6 +32,7 @@ __all__ = [
     "PolicySchemaError",
     "AuditIntegrityError",
     "AuditKeyError",
+    "AuditPayloadError",
     "BudgetExceededError",
 ]
 
@@ -182,6 +183,10 @@ class PolicySchemaError(ConfigError):
 
 class AuditIntegrityError(CDPFederatedError, RuntimeError):
     """The audit chain does not verify (edited, deleted, reordered or truncated entries)."""
+
+
+class AuditPayloadError(CDPFederatedError, ValueError):
+    """An audit entry's kind or payload is invalid (not JSON-safe, NaN, too large, missing fields)."""
 
 
 class AuditKeyError(ConfigError):

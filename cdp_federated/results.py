@@ -32,6 +32,12 @@ RESULT_FIELDS: dict[str, str] = {
     "dead_lettered": "events written to the dead-letter table with their reason",
     "events_per_second": "ingest throughput",
     "profiles": "profiles with features written",
+    "policy": "the policy the job ran under: {name, version, hash} (hash = SHA-256 of its canonical JSON)",
+    "audit": "per participant: its audit log's signed head after the job {entries, head, key_id}",
+    "rows": "data rows read from an import file",
+    "records": "consent ledger records an import expanded to",
+    "inserted": "records new to the ledger (the rest were imported before)",
+    "batches": "ingest transactions committed",
 }
 
 

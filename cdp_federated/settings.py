@@ -52,6 +52,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Events stamped further than this in the future are dead-lettered.",
     ),
     Setting("trace_hooks", False, "Log every hook call with its arguments' types and duration."),
+    Setting(
+        "audit_key",
+        None,
+        "Ed25519 key file signing the audit chain's head, kept outside the database (anchor files "
+        "go next to it); default: <data_dir>/keys/audit-ed25519.key.",
+    ),
+    Setting(
+        "tcf_vendor_ids",
+        "",
+        "Comma-separated IAB vendor ids whose TCF consent is recorded in the ledger at ingest "
+        "(a policy's tcf.vendor_id must be among them for TC strings to grant).",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

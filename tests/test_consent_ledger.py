@@ -202,4 +202,25 @@ def test_signal_extraction_formats():
     ev = parse_event_line(line, now=NOW, max_skew=timedelta(days=1), max_bytes=10_000)
     assert jurisdiction_of(ev.context) == "US-CA"
     recs = {(r["purpose"], r["granted"]) for r in consent_records(ev, "US-CA")}
-    assert recs == {("gpc:sale_sharing", False), ("tcf:tc_string", True)}
+    # This TC string (CMP 31, policy version 2) carries no purpose consent: every TCF purpose is
+    # recorded as an explicit deny, so it can never grant.
+    tcf_denies = {(f"tcf:{kind}:{n}", False) for kind in ("purpose", "li") for n in range(1, 12)}
+    assert recs == {("gpc:sale_sharing", False)} | tcf_denies
+
+
+def test_undecodable_tc_string_is_kept_as_evidence_and_grants_nothing():
+    line = orjson.dumps(
+        {
+            "type": "track",
+            "event": "Page Viewed",
+            "messageId": "m2",
+            "userId": "u",
+            "timestamp": "2026-02-01T00:00:00Z",
+            "context": {"consent": {"tcfString": "CPXxRfAPXx"}},
+        }
+    )
+    ev = parse_event_line(line, now=NOW, max_skew=timedelta(days=1), max_bytes=10_000)
+    recs = consent_records(ev, "EU")
+    assert [(r["purpose"], r["granted"], r["raw"]) for r in recs] == [
+        ("tcf:invalid", False, "CPXxRfAPXx")
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -99,3 +100,61 @@ def test_hooks_saw_the_job_lifecycle(demo_run):
         < names.index("cdp_model_published")
     )
     assert names.count("cdp_round_ended") == 30
+
+
+def test_every_participant_audited_its_decisions_funnel_rounds_and_model(demo_run):
+    from cdp_federated.governance.audit import AuditLog
+
+    result, _, _ = demo_run
+    out = result["model_path"].split("/models/")[0]
+    for name, url in result["databases"].items():
+        log = AuditLog.open(url, key_path=f"{out}/keys/{name}-audit.key")
+        report = log.verify(strict=True)
+        assert report.ok, report.reason
+        entries = list(log.entries())
+        kinds = [e.kind for e in entries]
+        assert kinds[:2] == ["policy_decision", "policy_decision"]
+        assert [e.payload["stage"] for e in entries[:2]] == ["before_read", "after_consent"]
+        assert all(e.payload["allow"] for e in entries[:2])
+        assert entries[0].payload["policy_hash"] == result["policy"]["hash"]
+        funnel = next(e.payload for e in entries if e.kind == "consent_filter")
+        f = result["funnel"][name]
+        assert (funnel["rows_in"], funnel["consented"], funnel["trained"]) == (
+            f["rows_in"],
+            f["consented"],
+            f["trained"],
+        )
+        assert kinds.count("round_committed") == result["rounds"]
+        assert kinds[-1] == "model_published"
+        assert entries[-1].payload["model_id"] == result["model_id"]
+        assert result["audit"][name]["entries"] == len(entries)
+        log.store.dispose()
+
+
+def test_a_policy_violation_refuses_the_job_with_reasons_and_is_audited(tmp_path):
+    from cdp_federated.errors import PolicyViolation
+    from cdp_federated.governance.audit import AuditLog
+
+    strict = tmp_path / "strict.yaml"
+    text = (Path(__file__).parents[1] / "policies" / "internal-regions.yaml").read_text()
+    # The same policy, but the EU region may no longer use monetary features.
+    strict.write_text(
+        text.replace(
+            "forbidden: [profile_id, jurisdiction]",
+            "forbidden: [profile_id, jurisdiction, monetary]",
+        )
+    )
+    with pytest.raises(PolicyViolation) as err:
+        run_demo(tmp_path / "out", customers=300, rounds=2, policy=strict)
+    assert "monetary" in str(err.value) and "features" in str(err.value)
+    assert any(r.startswith("features") for r in err.value.reasons)
+    log = AuditLog.open(
+        f"sqlite:///{tmp_path / 'out' / 'eu-west.sqlite'}",
+        key_path=tmp_path / "out" / "keys" / "eu-west-audit.key",
+    )
+    entries = list(log.entries())
+    assert [e.kind for e in entries] == ["policy_decision", "job_refused"]
+    assert entries[0].payload["allow"] is False
+    assert log.verify(strict=True).ok
+    log.store.dispose()
+    assert not (tmp_path / "out" / "models").exists()  # nothing trained, nothing published

@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     from ..plugins import make_plugin_manager
-    from . import audit, consent, data, demo, policy  # noqa: F401 - commands register on import
+    from . import audit, consent, consent_ledger, data, demo, policy  # noqa: F401 - commands register on import
 
     try:
         make_plugin_manager().hook.cdp_register_cli_commands(app=app)
@@ -29,22 +29,11 @@ def _register() -> None:
 
 
 def main() -> None:
-    """Console entry point: typed errors become one line on stderr and exit code 2."""
+    """Console entry point. Typer runs standalone (usage errors exit 2 with its message,
+    ``typer.Exit(n)`` exits ``n``); typed errors become one line on stderr and exit code 2."""
     _register()
     try:
-        app(standalone_mode=False)
+        app()
     except CDPFederatedError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -19,6 +19,10 @@ def demo(
     seed: Annotated[int, typer.Option(help="Scenario seed.")] = 7,
     customers: Annotated[int, typer.Option(help="Customers across the three regions.")] = 6000,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 30,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="Policy YAML each participant enforces (default: internal-regions)."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result as JSON on stdout.")
     ] = False,
@@ -29,7 +33,12 @@ def demo(
     err = Console(stderr=True)
     with err.status("starting") as status:
         result = run_demo(
-            out, seed=seed, customers=customers, rounds=rounds, on_step=lambda m: status.update(m)
+            out,
+            seed=seed,
+            customers=customers,
+            rounds=rounds,
+            policy=policy,
+            on_step=lambda m: status.update(m),
         )
     if as_json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
@@ -73,4 +82,11 @@ def demo(
     console.print(
         f"gap {abs(result['auc'] - result['centralized_auc']):.4f} after {result['rounds']} rounds; "
         f"log loss {result['logloss']:.4f}; {result['seconds']:.1f}s\nmodel: {result['model_path']}"
+    )
+    pol = result["policy"]
+    console.print(
+        f"policy {pol['name']} v{pol['version']} ({pol['hash'][:12]}) allowed the job at every "
+        "participant; audit heads signed: "
+        + ", ".join(f"{n} {a['entries']} entries" for n, a in result["audit"].items())
+        + f"\nverify with: cdp-fl audit verify --db <database> --key {out}/keys/<participant>-audit.key"
     )

@@ -9,16 +9,24 @@ purposes.py maps a job's purpose onto these. Where signals live in an event:
 * RudderStack: ``context.consentManagement`` ``{allowedConsentIds, deniedConsentIds, provider, ...}``;
 * Google Consent Mode v2: ``context.consent.googleConsentMode`` ``{ad_storage: granted|denied, ...}``;
 * Global Privacy Control: ``context.gpc`` true, or header ``context.headers["Sec-GPC"] == "1"``;
-* IAB TCF: ``context.consent.tcfString`` is kept as evidence (source ``tcf``).
+* IAB TCF v2.2: ``context.consent.tcfString`` is decoded into ``tcf:purpose:N``, ``tcf:li:N`` and,
+  for the vendor ids in the ``tcf_vendor_ids`` setting, ``tcf:vendor:V...`` records (see
+  consent/tcf.py), each keeping the string as evidence. A string that does not decode grants
+  nothing: it is kept as a ``tcf:invalid`` record and the event itself is still applied (its
+  behavioural data is valid; only its consent evidence is not).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
 
+from ..errors import ConfigError, TCFError
 from ..events import Event
+from ..settings import get_setting
+from .tcf import decode_tc_string, ledger_signals
 
 __all__ = ["consent_records", "jurisdiction_of", "EU_EEA"]
 
@@ -52,6 +60,34 @@ def jurisdiction_of(context: dict[str, Any]) -> str | None:
     if len(_BY_COUNTRY) < 4096 and type(country) is str:
         _BY_COUNTRY[country] = place
     return place
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_vendor_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(
+            "tcf_vendor_ids must be comma-separated integers",
+            field="CDP_FL_TCF_VENDOR_IDS",
+            value=text,
+            fix="e.g. 755,1234",
+        ) from None
+
+
+def _vendor_ids() -> tuple[int, ...]:
+    return _parse_vendor_ids(str(get_setting("tcf_vendor_ids") or ""))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tcf_signals(text: str, vendor_ids: tuple[int, ...]) -> tuple[tuple[str, bool], ...]:
+    """Ledger signals (without the ``tcf:`` prefix) of a TC string; ``invalid`` when it does not
+    decode. Cached per string: CMPs resend the same string with every event."""
+    try:
+        decoded = decode_tc_string(text)
+    except TCFError:
+        return (("invalid", False),)
+    return tuple((n.removeprefix("tcf:"), g) for n, g in ledger_signals(decoded, vendor_ids))
 
 
 def _raw(value: Any) -> str:
@@ -94,8 +130,8 @@ def consent_records(event: Event, jurisdiction: str | None) -> list[dict[str, An
                     add("consent_mode", key, value == "granted", raw)
         tcf = consent.get("tcfString")
         if isinstance(tcf, str) and tcf:
-            # Kept as evidence; decoding into per-purpose records belongs to the TCF decoder.
-            add("tcf", "tc_string", True, tcf)
+            for name, granted in _tcf_signals(tcf, _vendor_ids()):
+                add("tcf", name, granted, tcf if name != "invalid" else tcf[:2048])
     managed = ctx.get("consentManagement")
     if isinstance(managed, dict):
         raw = _raw(managed)

@@ -7,6 +7,11 @@ under the connector contract (``profile_id``, feature columns, label); the agent
 counts, sums, parameters and score histograms, never a row, a score or an identifier, and error
 messages name columns and counts, never values or ids.
 
+Consent is re-checked every round when a ``consent_gate`` is given: it returns the profile ids
+whose consent currently allows the job's purpose, and rows outside it are dropped from the cached
+matrices before the round runs (revocation recorded before round k excludes the row from round k
+onward; a dropped row does not come back within the job).
+
 Missing or non-finite feature values are refused by default. With ``params.impute = "mean"`` the
 job imputes missing (null/NaN) features with this participant's local *training* mean (also on the
 test split, so test rows do not leak into it); infinities are always refused.
@@ -14,13 +19,14 @@ test split, so test rows do not leak into it); infinities are always refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
 import pluggy
 import polars as pl
 
+from ..connector import PROFILE_ID
 from ..errors import NoTrainingDataError, SchemaMismatchError, TrainingError
 from ..federation.messages import (
     EvaluateIns,
@@ -37,9 +43,10 @@ from ..learning.aggregate import local_moments
 from ..learning.metrics import score_histograms
 from .pipeline import check_policy
 
-__all__ = ["ParticipantAgent", "DataProvider", "IMPUTE_OPTIONS"]
+__all__ = ["ParticipantAgent", "DataProvider", "ConsentGate", "IMPUTE_OPTIONS"]
 
 DataProvider = Callable[[JobSpec, str], pl.DataFrame]
+ConsentGate = Callable[[JobSpec], "pl.Series | Collection[str]"]
 IMPUTE_OPTIONS = (None, "mean")
 SPLITS = ("train", "test")
 
@@ -48,6 +55,7 @@ SPLITS = ("train", "test")
 class _LocalData:
     x: np.ndarray  # (n, d) raw features, float64
     y: np.ndarray  # (n,) labels in {0.0, 1.0}
+    ids: np.ndarray  # (n,) profile ids: stay on this participant, used only by the consent gate
     fill: np.ndarray | None = None  # per-feature imputation values (train split only)
     standardised: dict[bytes, np.ndarray] = field(default_factory=dict)
     lipschitz: dict[bytes, float] = field(default_factory=dict)
@@ -58,14 +66,22 @@ class ParticipantAgent:
 
     With a plugin manager ``pm``, every plugin's ``cdp_policy_decision`` is asked once per job
     before any row is read; a deny is a :class:`~cdp_federated.errors.PolicyViolation`.
+    ``revoked`` counts, per split, the rows the consent gate removed during the current job.
     """
 
     def __init__(
-        self, name: str, data_provider: DataProvider, *, pm: pluggy.PluginManager | None = None
+        self,
+        name: str,
+        data_provider: DataProvider,
+        *,
+        pm: pluggy.PluginManager | None = None,
+        consent_gate: ConsentGate | None = None,
     ) -> None:
         self.name = name
         self.data_provider = data_provider
         self.pm = pm
+        self.consent_gate = consent_gate
+        self.revoked: dict[str, int] = {}
         self._current_job: JobSpec | None = None
         self._data: dict[str, _LocalData] = {}
 
@@ -88,13 +104,13 @@ class ParticipantAgent:
 
     def _stats(self, message: StatsIns) -> StatsRes:
         job = self._job(message.job)
-        data = self._local(job, message.split)
+        data = self._gated(job, message.split)
         count, sums, scatter = local_moments(data.x)
         return StatsRes(count, sums, scatter, label_positives=float(data.y.sum()))
 
     def _fit(self, message: FitIns) -> FitRes:
         job = self._job(message.job)
-        data = self._local(job, "train")
+        data = self._gated(job, "train")
         d = data.x.shape[1]
         self._check_shapes(message.parameters, message.mean, message.scale, d)
         precond = message.preconditioner
@@ -132,7 +148,7 @@ class ParticipantAgent:
 
     def _evaluate(self, message: EvaluateIns) -> EvaluateRes:
         job = self._job(message.job)
-        data = self._local(job, message.split)
+        data = self._gated(job, message.split)
         self._check_shapes(message.parameters, message.mean, message.scale, data.x.shape[1])
         if message.bins < 1:
             raise TrainingError("bins must be positive", field="bins", value=message.bins)
@@ -160,7 +176,32 @@ class ParticipantAgent:
                 check_policy(self.pm, job, self.name)  # governance first: before any row is read
             self._current_job = job
             self._data = {}  # keep only the current job's matrices
+            self.revoked = {}
         return job
+
+    def _gated(self, job: JobSpec, split: str) -> _LocalData:
+        """The split's rows, minus those whose consent no longer allows the job's purpose."""
+        data = self._local(job, split)
+        if self.consent_gate is None or data.ids.size == 0:
+            return data
+        allowed = self.consent_gate(job)
+        allowed = (
+            allowed.to_numpy() if isinstance(allowed, pl.Series) else np.asarray(list(allowed))
+        )
+        keep = np.isin(data.ids, allowed)
+        dropped = int(keep.size - keep.sum())
+        if dropped:
+            data.x, data.y, data.ids = data.x[keep], data.y[keep], data.ids[keep]
+            data.standardised, data.lipschitz = {}, {}
+            self.revoked[split] = self.revoked.get(split, 0) + dropped
+            if split == "train" and data.ids.size == 0:
+                raise NoTrainingDataError(
+                    f"participant {self.name!r}: consent was revoked for every training row",
+                    field="rows",
+                    value=0,
+                    fix="the job cannot continue on this participant",
+                )
+        return data
 
     def _local(self, job: JobSpec, split: str) -> _LocalData:
         if split not in SPLITS:
@@ -214,7 +255,18 @@ class ParticipantAgent:
         y = frame.get_column(label).cast(pl.Float64).to_numpy().astype(np.float64)
         self._check_labels(y, label)
         fill = self._clean(x, features, job, train_fill if split == "test" else None)
-        return _LocalData(x, y, fill if split == "train" else None)
+        ids = (
+            frame.get_column(PROFILE_ID).cast(pl.String).to_numpy()
+            if PROFILE_ID in frame.columns
+            else np.empty(0, dtype=object)
+        )
+        if self.consent_gate is not None and ids.size != frame.height:
+            raise SchemaMismatchError(
+                f"participant {self.name!r}: a consent gate needs the {PROFILE_ID!r} column",
+                field=PROFILE_ID,
+                fix="return the connector's profile_id column from the data provider",
+            )
+        return _LocalData(x, y, ids, fill if split == "train" else None)
 
     def _clean(
         self, x: np.ndarray, features: list[str], job: JobSpec, train_fill: np.ndarray | None

@@ -16,6 +16,7 @@ import polars as pl
 
 from ..connector import JURISDICTION, PROFILE_ID, Connector, ScanRequest
 from ..consent.ledger import allowed_ids
+from ..consent.purposes import ConsentRuleLike
 from ..errors import PolicyViolation
 from ..governance import combine_votes
 from ..jobs import JobSpec
@@ -56,10 +57,13 @@ def load_consented(
     purpose: str,
     at: datetime,
     ledger: Store | None,
+    rule: ConsentRuleLike | None = None,
 ) -> tuple[pl.DataFrame, Funnel]:
     """Rows whose consent allows ``purpose`` at ``at``: the ledger's allowed ids (when this
     participant keeps a ledger) ANDed with every plugin's predicate. Without a ledger only the
-    plugins' predicates apply, so a participant must run a consent plugin or keep a ledger."""
+    plugins' predicates apply, so a participant must run a consent plugin or keep a ledger.
+    ``rule`` is the participant's policy's consent rule (default: the built-in one for
+    ``purpose``)."""
     # Counted separately so the funnel shows what consent removed (a second, count-only read).
     rows_in = connector.scan().select(pl.len()).collect().item()
     predicates = tuple(
@@ -68,7 +72,7 @@ def load_consented(
         if p is not None
     )
     request = ScanRequest(
-        allowed_ids=allowed_ids(ledger, purpose, at) if ledger is not None else None,
+        allowed_ids=allowed_ids(ledger, purpose, at, rule=rule) if ledger is not None else None,
         predicates=predicates,
     )
     frame = connector.scan(request).collect()

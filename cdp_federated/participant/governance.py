@@ -1,0 +1,131 @@
+"""A participant's local governance: its own policy, decided locally, recorded in its own audit log.
+
+The coordinator never sees this object; it only learns "refused" and the public reasons. Every
+decision (allow or deny, with every rule's outcome), the consent funnel, each round this
+participant took part in and the published model go to the participant's hash-chained audit log,
+which is checkpointed (signed) when the job ends either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..governance.audit import (
+    CONSENT_FILTER,
+    JOB_REFUSED,
+    JOB_STARTED,
+    MODEL_PUBLISHED,
+    POLICY_DECISION,
+    ROUND_COMMITTED,
+    AuditLog,
+)
+from ..governance.engine import DecisionContext, PolicyDecision, evaluate
+from ..governance.policy import ConsentRule, Policy
+from ..jobs import JobSpec
+
+__all__ = ["LocalGovernance"]
+
+
+@dataclass
+class LocalGovernance:
+    """``context`` describes this participant (organisation, region, partners, output use...);
+    ``rows_available`` is filled in per decision."""
+
+    policy: Policy
+    audit: AuditLog
+    context: DecisionContext
+
+    @property
+    def participant(self) -> str:
+        return self.context.participant
+
+    def decide(
+        self, job: JobSpec, *, stage: str, rows_available: int | None = None
+    ) -> PolicyDecision:
+        """Evaluate the job; record the decision; on deny record the refusal, sign the log and
+        raise :class:`~cdp_federated.errors.PolicyViolation` with every failed rule."""
+        decision = evaluate(self.policy, job, replace(self.context, rows_available=rows_available))
+        self.audit.append(POLICY_DECISION, decision.to_dict() | {"stage": stage})
+        if not decision.allow:
+            self.audit.append(
+                JOB_REFUSED,
+                {
+                    "job_id": job.job_id,
+                    "participant": self.participant,
+                    "stage": stage,
+                    "policy_hash": self.policy.content_hash,
+                    "reasons": [f"{r.rule}: {r.message}" for r in decision.failures],
+                },
+            )
+            self.audit.checkpoint()
+            decision.raise_if_denied()
+        return decision
+
+    def consent_rule(self, job: JobSpec) -> ConsentRule:
+        return self.policy.purpose_rule(job.purpose)
+
+    def job_started(self, job: JobSpec) -> None:
+        self.audit.append(
+            JOB_STARTED,
+            {
+                "job": job.to_dict(),
+                "participant": self.participant,
+                "policy_hash": self.policy.content_hash,
+            },
+        )
+
+    def consent_filtered(
+        self, job: JobSpec, *, rows_in: int, consented: int, aligned: int | None, trained: int
+    ) -> None:
+        self.audit.append(
+            CONSENT_FILTER,
+            {
+                "job_id": job.job_id,
+                "participant": self.participant,
+                "purpose": job.purpose,
+                "policy_hash": self.policy.content_hash,
+                "rows_in": rows_in,
+                "consented": consented,
+                "aligned": aligned,
+                "trained": trained,
+            },
+        )
+
+    def round_committed(self, job: JobSpec, metrics: dict[str, Any], local_rows: int) -> None:
+        metrics = dict(metrics)
+        loss = metrics.get("train_loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            metrics["train_loss"] = None  # the audit chain admits finite numbers only
+        self.audit.append(
+            ROUND_COMMITTED,
+            {"job_id": job.job_id, "participant": self.participant, "local_rows": local_rows}
+            | {
+                k: metrics[k]
+                for k in ("round", "participants", "failed", "train_loss")
+                if k in metrics
+            },
+        )
+
+    def model_published(self, job: JobSpec, model_id: str, sha256: str, path: str) -> None:
+        self.audit.append(
+            MODEL_PUBLISHED,
+            {
+                "job_id": job.job_id,
+                "participant": self.participant,
+                "model_id": model_id,
+                "sha256": sha256,
+                "path": path,
+                "policy_hash": self.policy.content_hash,
+            },
+        )
+
+    def close(self) -> dict[str, Any]:
+        """Sign the head; returns what the job report shows about this log."""
+        checkpoint = self.audit.checkpoint()
+        return {
+            "entries": checkpoint.entry_seq,
+            "head": checkpoint.head_hash,
+            "key_id": checkpoint.key_id,
+        }
