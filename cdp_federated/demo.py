@@ -26,6 +26,7 @@ import pluggy
 import polars as pl
 
 from .connector import ConnectorConfig, ConnectorRegistry
+from .consent.active import activate_policy
 from .consent.ledger import allowed_ids
 from .coordinator.runner import run_horizontal
 from .demo_data import generate_scenario
@@ -44,7 +45,7 @@ from .plugins import make_plugin_manager
 from .registry import save_model
 from .results import make_result
 from .settings import normalize_db_url
-from .store import Store, open_store
+from .store import TCF_VENDORS_META, Store, open_store
 
 __all__ = ["run_demo", "DEMO_QUERY", "LABEL"]
 
@@ -87,6 +88,12 @@ def _prepare_party(
 ) -> _Party:
     url = normalize_db_url(db_path)
     store = open_store(url, create=True)
+    # The ledger records TCF consent for the vendors its policy relies on.
+    vendors = sorted(
+        {p.tcf.vendor_id for p in policy.consent.purposes if p.tcf and p.tcf.vendor_id}
+    )
+    store.set_meta(TCF_VENDORS_META, ",".join(map(str, vendors)))
+    activate_policy(store, policy)  # scoring later answers consent with the same rule
     stats = Host(store, pm).ingest_path(events_path)
     events = read_events(store).collect().lazy()
     build_features(store, cutoff, events=events)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from .consent.tcf_encode import encode_tc_string
+
 __all__ = ["Scenario", "generate_scenario", "DEFAULT_NOW", "REGIONS"]
 
 DEFAULT_NOW = datetime(2026, 10, 1, tzinfo=UTC)
@@ -32,6 +34,11 @@ SHARED_FRACTION = 0.10
 OVERSIZED_BYTES = 33_500  # over Segment's (and the host's default) 32 KB limit
 CONSENT_EVENT = "Segment Consent Preference Updated"
 ONETRUST = {"Analytics": "C0002", "Functional": "C0003", "Advertising": "C0004"}
+# The retailer's IAB vendor id in its own CMP (policies/internal-regions.yaml names the same id).
+RETAILER_TCF_VENDOR = 1234
+# TCF v2.2 purposes per consent category: measurement, audiences and product development for
+# analytics; ad selection and ad profiles for advertising; content personalisation for functional.
+_TCF_PURPOSES = {"Analytics": (1, 7, 8, 9, 10), "Advertising": (2, 3, 4), "Functional": (5, 6, 11)}
 Rand = Callable[[], float]
 
 
@@ -202,8 +209,26 @@ def _prefs(u: Rand, grant: float) -> dict[str, bool]:
             "DataSharing": ads and u() < 0.4}  # fmt: skip
 
 
-def _consent(fmt: str, prefs: dict[str, bool]) -> dict[str, Any]:
-    """The context fields carrying ``prefs`` in one of the three consent formats."""
+def _tc_string(prefs: dict[str, bool], at_ms: int, country: str) -> str:
+    """What an IAB TCF v2.2 CMP stores for ``prefs`` (times rounded to the day, as CMPs do)."""
+    day = datetime.fromtimestamp(at_ms // 86_400_000 * 86_400, UTC)
+    purposes = {n for cat, ns in _TCF_PURPOSES.items() if prefs[cat] for n in ns}
+    return encode_tc_string(
+        created=day,
+        cmp_id=31,
+        vendor_list_version=120,
+        purposes_consent=purposes,
+        publisher_cc=country,
+        vendor_consents={RETAILER_TCF_VENDOR} if prefs["Analytics"] else set(),
+    )
+
+
+def _consent(
+    fmt: str, prefs: dict[str, bool], at_ms: int = 0, country: str = "DE"
+) -> dict[str, Any]:
+    """The context fields carrying ``prefs`` in one of the four consent formats."""
+    if fmt == "tcf":
+        return {"consent": {"tcfString": _tc_string(prefs, at_ms, country)}}
     if fmt == "segment":
         return {"consent": {"categoryPreferences": dict(prefs)}}
     if fmt == "consent_mode":  # Google Consent Mode v2
@@ -240,7 +265,8 @@ class _Writer:
         app = r.name == "us-east" and u() < 0.3  # the US app's SDK sends OneTrust via RudderStack
         fmt = "rudderstack" if app else None
         if r.grant and u() < 0.95:  # opt-in regions show a banner; a few never answer it
-            fmt = "segment" if u() < 0.55 else "consent_mode"
+            v = u()
+            fmt = "segment" if v < 0.45 else "consent_mode" if v < 0.8 else "tcf"
         prefs = _prefs(u, 0.9 if app else r.grant)
         first, last = p.sessions[0], p.sessions[-1]
         change = int(first + u() * (last - first)) if fmt and u() < 0.12 else None
@@ -254,7 +280,7 @@ class _Writer:
         }
         if fmt is None and r.name == "us-east" and u() < 0.11:
             base["gpc"] = True  # a Sec-GPC browser: the signal rides on every request
-        ctx = base | _consent(fmt, prefs) if fmt else base
+        ctx = base | _consent(fmt, prefs, first, country) if fmt else base
         created = first - (int((30 + u() * 900) * DAY_MS) if p.existing else 0)
         address = {"country": country, "state": region, "city": city}
         traits = p.traits | {"address": address, "created_at": _iso(created)}
@@ -288,7 +314,7 @@ class _Writer:
             if change is not None and i and t >= change:
                 prefs["Analytics"] = not prefs["Analytics"]
                 prefs["Advertising"] &= prefs["Analytics"]
-                ctx, change = base | _consent(fmt or "", prefs), None
+                ctx, change = base | _consent(fmt or "", prefs, t, country), None
                 t = track(t, CONSENT_EVENT, {}, ctx)
             if i == 0 and not p.existing:  # a new customer browses anonymously, then signs up
                 for _ in range(1 + int(u() * 2)):

@@ -34,6 +34,8 @@ __all__ = [
     "AuditKeyError",
     "AuditPayloadError",
     "BudgetExceededError",
+    "IdentifierError",
+    "ProtocolError",
 ]
 
 _MAX_VALUE_CHARS = 120
@@ -195,3 +197,11 @@ class AuditKeyError(ConfigError):
 
 class BudgetExceededError(PolicyViolation):
     """A job would spend more privacy budget (epsilon) than the policy's window allows."""
+
+
+class IdentifierError(CDPFederatedError, ValueError):
+    """An identifier (email, phone, id) cannot be normalised under the requested scheme."""
+
+
+class ProtocolError(CDPFederatedError, ValueError):
+    """A protocol message is out of order, tampered with, or inconsistent with the stage."""

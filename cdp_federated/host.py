@@ -234,6 +234,7 @@ class Host:
         self.max_event_bytes = max_event_bytes or int(get_setting("max_event_bytes"))
         self.max_skew = max_skew or timedelta(days=int(get_setting("max_clock_skew_days")))
         self._now = now or (lambda: datetime.now(UTC))
+        store.tcf_vendor_ids  # noqa: B018 - read the ledger's TCF vendors once, before any batch
 
     # --- entry points ----------------------------------------------------------------------------
 

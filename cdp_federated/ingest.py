@@ -188,8 +188,9 @@ def prepare_rows(
         ):
             with_consent.append((ev, ts, where))
     consent_rows: list[tuple[Any, ...]] = []
+    vendors = store.tcf_vendor_ids if with_consent else ()
     for ev, ts, where in with_consent:
-        for rec in consent_records(ev, where or profiles[ev.profile_id].jurisdiction):
+        for rec in consent_records(ev, where or profiles[ev.profile_id].jurisdiction, vendors):
             consent_rows.append(
                 (
                     rec["profile_id"],

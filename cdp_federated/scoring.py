@@ -8,6 +8,7 @@ from typing import Any
 import polars as pl
 from sqlalchemy import select
 
+from .consent.active import active_rule
 from .consent.ledger import allowed_ids
 from .hookspecs import hookimpl
 from .registry import latest_model, load_model
@@ -15,7 +16,10 @@ from .store import Store, schema
 
 
 def _consented(store: Store, profile_id: str, purpose: str) -> bool:
-    allowed = allowed_ids(store, purpose, datetime.now(UTC)).as_sql().subquery()
+    rule = active_rule(store, purpose)  # the participant's own policy, as in training
+    if rule is None:
+        return False
+    allowed = allowed_ids(store, purpose, datetime.now(UTC), rule=rule).as_sql().subquery()
     stmt = select(allowed.c.profile_id).where(allowed.c.profile_id == profile_id)
     with store.engine.connect() as conn:
         return conn.execute(stmt).first() is not None

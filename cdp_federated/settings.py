@@ -69,6 +69,20 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
+def parse_int_list(text: str, *, field: str) -> tuple[int, ...]:
+    """``"755, 1234"`` -> ``(755, 1234)``; duplicates dropped, order kept."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{field} must be comma-separated integers",
+            field=field,
+            value=text,
+            fix="e.g. 755,1234",
+        ) from None
+    return tuple(dict.fromkeys(values))
+
+
 def get_setting(name: str) -> Any:
     """Return the setting's value from its environment variable, else its default."""
     try:

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import orjson
 import pytest
 
-from cdp_federated import cli
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["cdp-fl", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.cli_helpers import run
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from cdp_federated.consent import allowed_ids
+from cdp_federated.consent.active import active_rule
 from cdp_federated.demo import run_demo
 from cdp_federated.registry import load_model, load_model_document
 from cdp_federated.store import open_store, schema
@@ -53,7 +54,11 @@ def test_only_consented_profiles_were_trained(demo_run):
     at = pl.Series([doc["lineage"]["consent_evaluated_at"]]).str.to_datetime(time_zone="UTC")[0]
     for name, url in result["databases"].items():
         store = open_store(url)
-        allowed = set(allowed_ids(store, "model_training", at).as_frame().collect()["profile_id"])
+        rule = active_rule(store, "model_training")  # the demo's policy, recorded in the store
+        assert rule is not None and rule.tcf is not None
+        allowed = set(
+            allowed_ids(store, "model_training", at, rule=rule).as_frame().collect()["profile_id"]
+        )
         with store.engine.connect() as conn:
             labelled = {r[0] for r in conn.execute(select(schema.profile_labels.c.profile_id))}
         assert len(allowed & labelled) == result["funnel"][name]["consented"]
@@ -71,8 +76,11 @@ def test_model_is_published_loadable_and_scores_consented_profiles(demo_run):
         published = conn.execute(select(schema.models.c.model_id, schema.models.c.sha256)).all()
         ids = [r[0] for r in conn.execute(select(schema.profile_features.c.profile_id))]
     assert published[0][0] == result["model_id"]
+    rule = active_rule(store, "model_training")
     allowed_now = set(
-        allowed_ids(store, "model_training", datetime.now(UTC)).as_frame().collect()["profile_id"]
+        allowed_ids(store, "model_training", datetime.now(UTC), rule=rule)
+        .as_frame()
+        .collect()["profile_id"]
     )
     scored = {
         p: pm.hook.cdp_score_profile(

@@ -16,19 +16,11 @@ from .data import DbOption, JsonOption, _emit, _parse_as_of, _url
 
 PolicyOption = Annotated[
     Path | None,
-    typer.Option("--policy", help="Policy YAML whose consent rules apply (default: built-in)."),
+    typer.Option(
+        "--policy",
+        help="Policy YAML whose consent rules apply (default: the store's active policy, else built-in).",
+    ),
 ]
-
-
-def _vendor_ids(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(
-            "vendor ids must be integers", field="--tcf-vendors", value=text, fix="e.g. 755,1234"
-        ) from None
 
 
 @consent_app.command("import")
@@ -37,23 +29,37 @@ def import_(
     db: DbOption = None,
     tcf_vendors: Annotated[
         str | None,
-        typer.Option(help="Vendor ids whose TCF consent is recorded (default: setting)."),
+        typer.Option(
+            help="Vendor ids whose TCF consent is recorded (default: the store's, see db init)."
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Import consent signals: events go through the full ingest (dead letters included); a CSV
     (profile_id, signal, granted, timestamp[, jurisdiction, tc_string]) is imported all or nothing."""
     from ..consent.imports import import_signals_csv
-    from ..settings import get_setting
+    from ..settings import parse_int_list
     from ..store import open_store
 
-    vendors = _vendor_ids(tcf_vendors if tcf_vendors is not None else get_setting("tcf_vendor_ids"))
     if path.suffix.lower() == ".csv":
         store = open_store(_url(db), create=True)
+        vendors = (
+            parse_int_list(tcf_vendors, field="--tcf-vendors")
+            if tcf_vendors is not None
+            else store.tcf_vendor_ids
+        )
         stats = import_signals_csv(store, path, vendor_ids=vendors)
         result = make_result(command="consent import", status="ok", **stats.to_dict())
     else:
         from ..host import Host
+
+        if tcf_vendors is not None:
+            raise ConfigError(
+                "--tcf-vendors applies to CSV imports; events use the ledger's configured vendors",
+                field="--tcf-vendors",
+                value=tcf_vendors,
+                fix="run `cdp-fl db init --tcf-vendors IDS` once, then import the events",
+            )
         from ..plugins import make_plugin_manager
 
         handle = Host.open_events(str(path))
@@ -80,17 +86,24 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Whether a profile's consent allows a purpose, with the deciding signals as evidence."""
-    from ..consent.purposes import purpose_rule
+    from ..consent.active import active_rule
     from ..consent.status import consent_status
     from ..store import open_store
 
+    store = open_store(_url(db))
     if policy is not None:
         from ..governance.policy import load_policy
 
         rule = load_policy(policy).purpose_rule(purpose)
     else:
-        rule = purpose_rule(purpose)
-    store = open_store(_url(db))
+        rule = active_rule(store, purpose)  # the store's active policy, else the built-in rules
+        if rule is None:
+            raise ConfigError(
+                "the store's active policy does not permit this purpose",
+                field="--purpose",
+                value=purpose,
+                fix="use a purpose the policy allows (cdp-fl policy check shows them)",
+            )
     report = consent_status(store, profile, rule, _parse_as_of(at))
     store.dispose()
     if as_json:

@@ -61,13 +61,28 @@ def _emit(result: dict, as_json: bool) -> None:
 
 
 @db_app.command("init")
-def db_init(db: DbOption = None) -> None:
+def db_init(
+    db: DbOption = None,
+    tcf_vendors: Annotated[
+        str | None,
+        typer.Option(
+            "--tcf-vendors",
+            help="IAB vendor ids whose TCF consent this ledger records at ingest, e.g. 755,1234.",
+        ),
+    ] = None,
+) -> None:
     """Create the schema (explicit and versioned); safe to run twice."""
-    from ..store import SCHEMA_VERSION, open_store
+    from ..settings import parse_int_list
+    from ..store import SCHEMA_VERSION, TCF_VENDORS_META, open_store
 
     store = open_store(_url(db), create=True)
-    version = SCHEMA_VERSION
-    console.print(f"schema version {version} ready at {store.display_url}")
+    if tcf_vendors is not None:
+        ids = parse_int_list(tcf_vendors, field="--tcf-vendors")
+        store.set_meta(TCF_VENDORS_META, ",".join(map(str, ids)))
+    vendors = ", ".join(map(str, store.tcf_vendor_ids)) or "none"
+    console.print(
+        f"schema version {SCHEMA_VERSION} ready at {store.display_url}; TCF vendors recorded: {vendors}"
+    )
 
 
 @db_app.command("info")

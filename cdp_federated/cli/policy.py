@@ -16,7 +16,7 @@ from rich.table import Table
 from ..errors import ConfigError, PolicySchemaError
 from ..jobs import JobSpec
 from . import app
-from .data import JsonOption
+from .data import DbOption, JsonOption, _url
 
 policy_app = typer.Typer(
     help="Check governance policies and jobs against them.", no_args_is_help=True
@@ -225,3 +225,21 @@ def check(
         _decision_table(decision)
     if not decision.allow:
         _exit(EXIT_DENIED)
+
+
+@policy_app.command("activate")
+def activate(
+    policy_file: Annotated[Path, typer.Argument(help="The YAML policy this store runs under.")],
+    db: DbOption = None,
+) -> None:
+    """Record the policy in a participant's store, so every use of its data (training, scoring,
+    consent status) answers consent with the same rules; prints its content hash."""
+    from ..consent.active import activate_policy
+    from ..governance.policy import load_policy
+    from ..store import open_store
+
+    policy = load_policy(policy_file)
+    store = open_store(_url(db), create=True)
+    activate_policy(store, policy)
+    store.dispose()
+    typer.echo(f"{policy.name} v{policy.version} ({policy.content_hash}) active")

@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from ..errors import ConfigError, TCFError
+from ..errors import TCFError
 from ..events import Event
-from ..settings import get_setting
+from ..settings import get_setting, parse_int_list
 from .tcf import decode_tc_string, ledger_signals
 
 __all__ = ["consent_records", "jurisdiction_of", "EU_EEA"]
@@ -63,20 +63,8 @@ def jurisdiction_of(context: dict[str, Any]) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_vendor_ids(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(
-            "tcf_vendor_ids must be comma-separated integers",
-            field="CDP_FL_TCF_VENDOR_IDS",
-            value=text,
-            fix="e.g. 755,1234",
-        ) from None
-
-
-def _vendor_ids() -> tuple[int, ...]:
-    return _parse_vendor_ids(str(get_setting("tcf_vendor_ids") or ""))
+def _setting_vendor_ids(text: str) -> tuple[int, ...]:
+    return parse_int_list(text, field="CDP_FL_TCF_VENDOR_IDS")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -94,8 +82,14 @@ def _raw(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def consent_records(event: Event, jurisdiction: str | None) -> list[dict[str, Any]]:
-    """Ledger rows for every consent signal the event carries (empty list when none)."""
+def consent_records(
+    event: Event, jurisdiction: str | None, vendor_ids: tuple[int, ...] | None = None
+) -> list[dict[str, Any]]:
+    """Ledger rows for every consent signal the event carries (empty list when none).
+    ``vendor_ids``: whose TCF consent to record (default: the ``tcf_vendor_ids`` setting; ingest
+    passes the store's :attr:`~cdp_federated.store.Store.tcf_vendor_ids`)."""
+    if vendor_ids is None:
+        vendor_ids = _setting_vendor_ids(str(get_setting("tcf_vendor_ids") or ""))
     ctx = event.context
     out: list[dict[str, Any]] = []
 
@@ -130,7 +124,7 @@ def consent_records(event: Event, jurisdiction: str | None) -> list[dict[str, An
                     add("consent_mode", key, value == "granted", raw)
         tcf = consent.get("tcfString")
         if isinstance(tcf, str) and tcf:
-            for name, granted in _tcf_signals(tcf, _vendor_ids()):
+            for name, granted in _tcf_signals(tcf, vendor_ids):
                 add("tcf", name, granted, tcf if name != "invalid" else tcf[:2048])
     managed = ctx.get("consentManagement")
     if isinstance(managed, dict):

@@ -6,7 +6,7 @@ disagree with what training uses); the evidence lists the latest record of every
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -40,7 +40,7 @@ def consent_status(
         latest[purpose] = {
             "signal": purpose,
             "granted": bool(granted),
-            "timestamp": ts.isoformat(),
+            "timestamp": (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).isoformat(),
             "source": source,
             "evidence": (raw or "")[:200],
         }

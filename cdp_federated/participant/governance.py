@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import PolicyViolation
 from ..governance.audit import (
+    BUDGET_CHARGED,
     CONSENT_FILTER,
     JOB_REFUSED,
     JOB_STARTED,
@@ -21,6 +23,7 @@ from ..governance.audit import (
     ROUND_COMMITTED,
     AuditLog,
 )
+from ..governance.budget import BudgetLedger
 from ..governance.engine import DecisionContext, PolicyDecision, evaluate
 from ..governance.policy import ConsentRule, Policy
 from ..jobs import JobSpec
@@ -30,12 +33,17 @@ __all__ = ["LocalGovernance"]
 
 @dataclass
 class LocalGovernance:
-    """``context`` describes this participant (organisation, region, partners, output use...);
-    ``rows_available`` is filled in per decision."""
+    """``context`` describes this participant (organisation, region, partners, output use, the
+    job's DP epsilon...); ``rows_available`` and ``budget_spent`` are filled in per decision.
+    With a ``budget`` ledger, the epsilon already spent by ``source`` in the policy's window is
+    read before deciding, and a DP job is charged atomically when it starts (refused, with the
+    numbers, if a concurrent job took the budget in between)."""
 
     policy: Policy
     audit: AuditLog
     context: DecisionContext
+    budget: BudgetLedger | None = None
+    source: str = ""
 
     @property
     def participant(self) -> str:
@@ -46,7 +54,10 @@ class LocalGovernance:
     ) -> PolicyDecision:
         """Evaluate the job; record the decision; on deny record the refusal, sign the log and
         raise :class:`~cdp_federated.errors.PolicyViolation` with every failed rule."""
-        decision = evaluate(self.policy, job, replace(self.context, rows_available=rows_available))
+        context = replace(
+            self.context, rows_available=rows_available, budget_spent=self._budget_spent()
+        )
+        decision = evaluate(self.policy, job, context)
         self.audit.append(POLICY_DECISION, decision.to_dict() | {"stage": stage})
         if not decision.allow:
             self.audit.append(
@@ -63,10 +74,50 @@ class LocalGovernance:
             decision.raise_if_denied()
         return decision
 
+    def _budget_spent(self) -> float:
+        dp = self.policy.privacy.dp
+        if self.budget is None or dp is None or dp.budget is None:
+            return self.context.budget_spent
+        return self.budget.spent(
+            self.source or self.participant, dp.budget.window_days, self.context.now
+        )
+
     def consent_rule(self, job: JobSpec) -> ConsentRule:
         return self.policy.purpose_rule(job.purpose)
 
     def job_started(self, job: JobSpec) -> None:
+        """Charge the job's epsilon (when it declares DP and a ledger is kept), then record it."""
+        epsilon, delta = self.context.dp_epsilon, self.context.dp_delta
+        if self.budget is not None and epsilon is not None:
+            source = self.source or self.participant
+            try:
+                charge = self.budget.check_and_charge(
+                    self.policy, source, job.job_id, epsilon, delta or 0.0, self.context.now
+                )
+            except PolicyViolation as exc:
+                self.audit.append(
+                    JOB_REFUSED,
+                    {
+                        "job_id": job.job_id,
+                        "participant": self.participant,
+                        "stage": "budget_charge",
+                        "policy_hash": self.policy.content_hash,
+                        "reasons": list(exc.reasons),
+                    },
+                )
+                self.audit.checkpoint()
+                raise
+            self.audit.append(
+                BUDGET_CHARGED,
+                {
+                    "job_id": job.job_id,
+                    "participant": self.participant,
+                    "source": source,
+                    "epsilon": charge.epsilon,
+                    "delta": charge.delta,
+                    "policy_hash": self.policy.content_hash,
+                },
+            )
         self.audit.append(
             JOB_STARTED,
             {

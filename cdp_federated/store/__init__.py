@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 
+TCF_VENDORS_META = "tcf_vendor_ids"
+
+
 def redact_url(url: str) -> str:
     """The URL with any password masked, safe to print and to put in results."""
     from sqlalchemy.engine import make_url
@@ -160,6 +163,7 @@ class Store:
         self._max_params: int | None = None
         self._json: bool | None = None
         self._sql_cache: dict[tuple[Any, ...], str] = {}
+        self._tcf_vendor_ids: tuple[int, ...] | None = None
 
     @property
     def dialect(self) -> str:
@@ -228,6 +232,32 @@ class Store:
                 select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
             ).first()
         return int(row[0]) if row else None
+
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(schema.meta.c.value).where(schema.meta.c.key == key)).first()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.begin() as conn:
+            conn.execute(schema.meta.delete().where(schema.meta.c.key == key))
+            conn.execute(schema.meta.insert(), [{"key": key, "value": value}])
+        if key == TCF_VENDORS_META:
+            self._tcf_vendor_ids = None
+
+    @property
+    def tcf_vendor_ids(self) -> tuple[int, ...]:
+        """IAB vendor ids whose TCF consent this ledger records at ingest: the store's own
+        configuration (``cdp-fl db init --tcf-vendors``), else the ``tcf_vendor_ids`` setting.
+        Read once and cached, so ingest never queries for it per batch."""
+        if self._tcf_vendor_ids is None:
+            from ..settings import get_setting, parse_int_list
+
+            text = self.get_meta(TCF_VENDORS_META)
+            if text is None:
+                text = str(get_setting("tcf_vendor_ids") or "")
+            self._tcf_vendor_ids = parse_int_list(text, field="tcf_vendor_ids")
+        return self._tcf_vendor_ids
 
     def insert_ignore(
         self, conn: Connection, table: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str]

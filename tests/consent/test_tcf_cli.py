@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cdp_federated import cli
 from cdp_federated.consent.tcf import decode_tc_string
+from tests.cli_helpers import run
 
 # GDPR::IAB::TCFv2 PublisherRestrictions docs (https://metacpan.org/pod/GDPR::IAB::TCFv2::PublisherRestrictions)
 RESTRICTED = "COwAdDhOwAdDhN4ABAENAPCgAAQAAv___wAAAFP_AAp_4AI6ACACAA"
@@ -43,17 +43,6 @@ KEYS = [
     "allowed_vendors",
     "publisher_tc",
 ]
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["cdp-fl", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(autouse=True)

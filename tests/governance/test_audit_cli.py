@@ -6,27 +6,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 
 import pytest
 from sqlalchemy import delete, update
 
-from cdp_federated import cli
 from cdp_federated.governance.audit import CONSENT_FILTER, POLICY_DECISION, AuditLog
 from cdp_federated.store import open_store, schema
+from tests.cli_helpers import run
 
 VERIFY_KEYS = {"ok", "entries", "first_bad_seq", "reason", "latest_checkpoint", "unsigned_tail"}
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["cdp-fl", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(autouse=True)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import yaml
 
-from cdp_federated import cli
 from cdp_federated.features import FEATURE_COLUMNS
 from cdp_federated.governance.policy import load_policy
+from tests.cli_helpers import run as run_cli
 
 from .conftest import POLICIES
 
@@ -21,14 +20,7 @@ PII_JOB = str(POLICIES / "examples" / "pii-job.yaml")
 
 
 def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["cdp-fl", "policy", "check", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(monkeypatch, capsys, "policy", "check", *args)
 
 
 @pytest.fixture(autouse=True)

@@ -86,15 +86,20 @@ def test_internal_regions_permits_the_demo_parties_and_features():
     assert policy.privacy.secure_aggregation == "optional"
 
 
-def test_internal_regions_consent_rule_matches_the_built_in_default():
-    """Wiring the policy into the ledger must not change the demo's consent funnel."""
+def test_internal_regions_consent_rule_is_the_built_in_default_plus_the_retailers_cmp():
+    """The demo's policy: the built-in signals, plus TC strings of the retailer's own CMP."""
     rule = load_policy(POLICIES / "internal-regions.yaml").purpose_rule("model_training")
     default = DEFAULT_PURPOSES["model_training"]
     assert set(rule.signals) == set(default.signals)
     assert set(rule.opt_out_signals) == set(default.opt_out_signals)
     assert set(rule.opt_in_prefixes) == set(default.opt_in_prefixes)
     assert set(rule.opt_out_prefixes) == set(default.opt_out_prefixes)
-    assert rule.unknown_default is False and rule.tcf is None
+    assert rule.unknown_default is False
+    assert (rule.tcf.purposes, rule.tcf.vendor_id, rule.tcf.basis) == (
+        (1, 7, 8, 9, 10),
+        1234,
+        "consent",
+    )
 
 
 def test_gdpr_template_is_two_organisations_psi_only_eu_with_a_budget():
