@@ -36,6 +36,8 @@ __all__ = [
     "BudgetExceededError",
     "IdentifierError",
     "ProtocolError",
+    "AuthError",
+    "ForbiddenError",
 ]
 
 _MAX_VALUE_CHARS = 120
@@ -205,3 +207,31 @@ class IdentifierError(CDPFederatedError, ValueError):
 
 class ProtocolError(CDPFederatedError, ValueError):
     """A protocol message is out of order, tampered with, or inconsistent with the stage."""
+
+
+class AuthError(CDPFederatedError, PermissionError):
+    """Authentication failed (HTTP 401): a token or an enrolment secret was refused.
+
+    ``code`` names the check that failed (``expired``, ``bad_signature``, ``unknown_kid``,
+    ``replayed``, ``wrong_audience``...) for logs and tests; a service answers every code with
+    the same bare 401 so a caller learns nothing about which check failed. The message never
+    contains the token or secret.
+    """
+
+    http_status = 401
+
+    def __init__(self, message: str, *, code: str, **kwargs: Any) -> None:
+        self.code = code
+        super().__init__(message, **kwargs)
+
+
+class ForbiddenError(CDPFederatedError, PermissionError):
+    """An authenticated caller may not do this (HTTP 403): its role, participant id, job or round
+    does not allow the action. ``code`` names the rule (``role``, ``other_participant``,
+    ``not_in_job``, ``not_in_round``, ``missing_scope``)."""
+
+    http_status = 403
+
+    def __init__(self, message: str, *, code: str, **kwargs: Any) -> None:
+        self.code = code
+        super().__init__(message, **kwargs)

@@ -38,6 +38,13 @@ RESULT_FIELDS: dict[str, str] = {
     "records": "consent ledger records an import expanded to",
     "inserted": "records new to the ledger (the rest were imported before)",
     "batches": "ingest transactions committed",
+    "method": "identity alignment method: psi or salted-hash",
+    "intersection_size": 'customers in both sets ("<k" below the policy\'s minimum cohort size)',
+    "left_size": "identifier rows read for the left (receiving) party",
+    "right_size": "identifier rows read for the right party",
+    "bytes_exchanged": "bytes of protocol messages between the parties",
+    "invalid": "per party: identifiers that failed normalisation (never matched)",
+    "alignment_files": "per party: file holding its matched row numbers in the common order",
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
-import pandas as pd
 import polars as pl
 
 from cdp_federated.connector import Connector, ConnectorConfig
@@ -30,6 +29,15 @@ _FRAMES: dict[str, pl.LazyFrame] = {}
 _LOCK = threading.Lock()  # hosts may register from several threads (web workers, schedulers)
 
 
+def _is_pandas_frame(frame: Any) -> bool:
+    """Without importing pandas (half a second) unless the frame came from it."""
+    if not type(frame).__module__.startswith("pandas"):
+        return False
+    import pandas as pd
+
+    return isinstance(frame, pd.DataFrame)
+
+
 def register_frame(name: str, frame: Any) -> None:
     """Make ``frame`` (pandas DataFrame, polars DataFrame or LazyFrame) available as ``name``.
 
@@ -46,7 +54,7 @@ def register_frame(name: str, frame: Any) -> None:
         lazy = frame
     elif isinstance(frame, pl.DataFrame):
         lazy = frame.lazy()
-    elif isinstance(frame, pd.DataFrame):
+    elif _is_pandas_frame(frame):
         # from_pandas shares numpy buffers; copy so later edits to the pandas frame are not seen
         lazy = pl.from_pandas(frame.copy(deep=True)).lazy()
     else:

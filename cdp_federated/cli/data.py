@@ -18,7 +18,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
-from sqlalchemy import func, select
 
 from ..errors import ConfigError
 from ..results import make_result
@@ -88,6 +87,8 @@ def db_init(
 @db_app.command("info")
 def db_info(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Row counts per table."""
+    from sqlalchemy import func, select
+
     from ..store import open_store, schema
 
     store = open_store(_url(db))
@@ -179,6 +180,8 @@ def dead_letters(
     as_json: JsonOption = False,
 ) -> None:
     """Show dead-lettered events with their reasons."""
+    from sqlalchemy import func, select
+
     from ..store import open_store, schema
 
     store = open_store(_url(db))

@@ -29,6 +29,7 @@ __all__ = [
     "schema",
     "SCHEMA_VERSION",
     "redact_url",
+    "make_engine",
 ]
 
 
@@ -109,7 +110,7 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(conn.get_execution_options().get("cdp_sqlite_begin", "BEGIN"))
 
 
-def _make_engine(url: str) -> Engine:
+def make_engine(url: str) -> Engine:
     url = normalize_db_url(url)
     # orjson: JSON columns (event properties, traits) are on the ingest hot path.
     kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
@@ -521,7 +522,7 @@ def create_schema(store: Store) -> int:
 def open_store(url: str, *, create: bool = False) -> Store:
     """Open a store. With ``create=True`` the schema is created when absent; otherwise a database
     without the schema is an error telling the user to run ``cdp-fl db init``."""
-    store = Store(_make_engine(url))
+    store = Store(make_engine(url))
     version = store.schema_version()
     if version is None:
         if not create:

@@ -1,0 +1,211 @@
+"""The coordinator's own SQLAlchemy schema (separate from a participant's, in :mod:`..store.schema`).
+
+A plain list of tables on :data:`metadata`; :func:`create_coordinator_schema` creates them and
+records :data:`COORDINATOR_SCHEMA_VERSION` in ``coord_meta``. Every table name starts with
+``coord_`` so a coordinator may share a database with a participant's store (the localhost demo)
+without a clash. Times are timezone-aware UTC datetimes (on SQLite, UTC text without an offset:
+always bind UTC values).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    inspect,
+    select,
+)
+from sqlalchemy.exc import OperationalError
+
+from ..errors import SchemaVersionError, StoreError
+from ..store import Store, make_engine
+
+__all__ = [
+    "COORDINATOR_SCHEMA_VERSION",
+    "metadata",
+    "coord_meta",
+    "participants",
+    "enrolments",
+    "used_jti",
+    "jobs",
+    "tasks",
+    "results",
+    "create_coordinator_schema",
+    "open_coordinator_store",
+]
+
+COORDINATOR_SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+coord_meta = Table(
+    "coord_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# Enrolled principals (participants, observers, admins). A disabled one keeps its row (audit) and
+# its tokens stop verifying (see EnrolmentRegistry.is_active).
+participants = Table(
+    "coord_participants",
+    metadata,
+    Column("participant_id", String(128), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("enrolled_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True)),
+)
+
+# One-time enrolment secrets: only the SHA-256 of the secret is stored; ``used_at`` is set once.
+enrolments = Table(
+    "coord_enrolments",
+    metadata,
+    Column("secret_sha256", String(64), primary_key=True),
+    Column("participant_id", String(128), nullable=False, index=True),
+    Column("role", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True)),
+)
+
+# Replay cache of one-time tokens: a jti is inserted once (insert-or-fail) and kept until the
+# token could no longer verify anyway (its exp plus the verifier's leeway).
+used_jti = Table(
+    "coord_used_jti",
+    metadata,
+    Column("jti", String(128), primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_coord_used_jti_expires", "expires_at"),
+)
+
+
+# --- the service's job queue (coordinator.state) -------------------------------------------------
+
+# One federated job: its spec and participants (JSON text), options, status and, once done, its
+# aggregate result (metrics, per-round history without per-party values, the model). ``status`` is
+# queued / running / succeeded / failed.
+jobs = Table(
+    "coord_jobs",
+    metadata,
+    Column("job_id", String(128), primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("participants", Text, nullable=False),
+    Column("options", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("rounds_done", Integer, nullable=False, default=0),
+    Column("history", Text, nullable=False, default="[]"),
+    Column("result", Text),
+    Column("error", Text),
+    Column("submitted_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+# One request to one participant: the encoded CDPF frame and until when a reply is awaited. ``seq``
+# orders a job's requests; (job, seq, attempt) is unique. ``status``: pending (not answered yet,
+# deliverable again until answered or expired), done, expired.
+tasks = Table(
+    "coord_tasks",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("job_id", String(128), nullable=False),
+    Column("participant_id", String(128), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("stage", String(32), nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("request", LargeBinary, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("deadline_at", DateTime(timezone=True), nullable=False),
+    Column("deliveries", Integer, nullable=False, default=0),
+    Column("last_delivered_at", DateTime(timezone=True)),
+    UniqueConstraint("job_id", "seq", "attempt", name="uq_coord_tasks_job_seq_attempt"),
+    Index("ix_coord_tasks_poll", "participant_id", "status", "created_at"),
+)
+
+# A participant's reply to one task, stored once: a repeated submission of the same bytes gets
+# the stored acknowledgement back, other bytes are refused.
+results = Table(
+    "coord_results",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("job_id", String(128), nullable=False),
+    Column("participant_id", String(128), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("reply", LargeBinary, nullable=False),
+    Column("reply_sha256", String(64), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("seconds", Float, nullable=False),
+)
+
+
+def _version(store: Store) -> int | None:
+    try:
+        names = set(inspect(store.engine).get_table_names())
+    except OperationalError as exc:
+        raise StoreError(
+            f"cannot connect to database: {exc.orig}",
+            field="db",
+            value=store.display_url,
+            fix="start the database or correct the coordinator's database URL",
+        ) from exc
+    if coord_meta.name not in names:
+        return None
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            select(coord_meta.c.value).where(coord_meta.c.key == "schema_version")
+        ).first()
+    return int(row[0]) if row else None
+
+
+def create_coordinator_schema(store: Store) -> int:
+    """Create (or confirm) the coordinator's tables; returns the version. Refuses a database whose
+    coordinator schema has another version."""
+    version = _version(store)
+    if version is not None and version != COORDINATOR_SCHEMA_VERSION:
+        raise SchemaVersionError(
+            "coordinator schema version is not supported by this release",
+            field="coordinator_schema_version",
+            value=version,
+            fix=f"use a database created by a release with coordinator schema version "
+            f"{COORDINATOR_SCHEMA_VERSION}",
+        )
+    with store.begin() as conn:
+        metadata.create_all(conn)
+        if version is None:
+            conn.execute(
+                coord_meta.insert(),
+                [{"key": "schema_version", "value": str(COORDINATOR_SCHEMA_VERSION)}],
+            )
+    return COORDINATOR_SCHEMA_VERSION
+
+
+def open_coordinator_store(url: str, *, create: bool = False) -> Store:
+    """A :class:`Store` on the coordinator's database (same engine setup as a participant's store:
+    SQLite pragmas, PostgreSQL pre-ping). With ``create=True`` the coordinator schema is created
+    when absent; otherwise a database without it is an error."""
+    store = Store(make_engine(url))
+    version = _version(store)
+    if version is None and not create:
+        raise SchemaVersionError(
+            "database has no coordinator schema",
+            field="db",
+            value=store.display_url,
+            fix="open it with create=True (the coordinator creates its tables on first start)",
+        )
+    if create or version != COORDINATOR_SCHEMA_VERSION:
+        # creates what is missing (tables added within this schema version too), or raises for
+        # another version
+        create_coordinator_schema(store)
+    return store

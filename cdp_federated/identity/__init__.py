@@ -1,0 +1,1 @@
+"""Identity: normalising identifiers, keyed salted hashing, and ECDH private set intersection."""
