@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "NotFoundError",
+    "ConflictError",
+    "PayloadTooLargeError",
+    "UnsupportedMediaTypeError",
     "CDPFederatedError",
     "ConfigError",
     "EventValidationError",
@@ -235,3 +239,28 @@ class ForbiddenError(CDPFederatedError, PermissionError):
     def __init__(self, message: str, *, code: str, **kwargs: Any) -> None:
         self.code = code
         super().__init__(message, **kwargs)
+
+
+class NotFoundError(CDPFederatedError, LookupError):
+    """The job (or other resource) does not exist (HTTP 404)."""
+
+    http_status = 404
+
+
+class ConflictError(CDPFederatedError):
+    """The request conflicts with the stored state (HTTP 409): a job id already taken, another
+    result for an answered task, a result after the task's deadline."""
+
+    http_status = 409
+
+
+class PayloadTooLargeError(CDPFederatedError, ValueError):
+    """A request body exceeds the service's limit (HTTP 413)."""
+
+    http_status = 413
+
+
+class UnsupportedMediaTypeError(CDPFederatedError, ValueError):
+    """A request body has the wrong content type (HTTP 415)."""
+
+    http_status = 415

@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     from ..plugins import make_plugin_manager
-    from . import align, audit, consent, consent_ledger, data, demo, identity, policy  # noqa: F401 - commands register on import
+    from . import align, audit, consent, consent_ledger, data, demo, identity, policy, runtime  # noqa: F401 - commands register on import
 
     try:
         make_plugin_manager().hook.cdp_register_cli_commands(app=app)

@@ -1,0 +1,502 @@
+"""The coordinator service's persistent state: jobs, tasks (requests to participants) and results.
+
+Everything lives in the coordinator's database (tables ``coord_jobs``, ``coord_tasks``,
+``coord_results`` in :mod:`.schema`), so SQLite and PostgreSQL behave alike and a later release can
+resume from it after a crash. Within one process, waiters (a participant's long-poll, the job
+runner awaiting a reply) are woken by a :class:`threading.Condition` the moment a row they wait for
+is written, and re-check the database at least every ``recheck`` seconds, which also covers
+writes made by another worker process.
+
+Delivery is at-least-once: a task stays deliverable to its participant until it is answered or
+its deadline passes, so a participant that crashed after receiving a task gets it again.
+Submission is exactly-once: a task's result is stored once; the same bytes submitted again get
+the stored acknowledgement back (a retried POST), different bytes are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..errors import ConflictError, ForbiddenError, NotFoundError
+from ..jobs import JobSpec
+from ..store import Store
+from .auth import utcnow
+from .schema import jobs, results, tasks
+
+__all__ = [
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "JOB_STATUSES",
+    "NotFoundError",
+    "ConflictError",
+    "JobRecord",
+    "TaskRecord",
+    "Acknowledgement",
+    "CoordinatorState",
+]
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+PENDING, DONE, EXPIRED = "pending", "done", "expired"
+
+
+def _from_db(value: datetime | None) -> datetime | None:
+    """A stored time as aware UTC (SQLite returns it naive; it was stored in UTC)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as stored: ``result`` (aggregate metrics, history and model) once it succeeded,
+    ``error`` (``{error, message, field, fix}``) once it failed."""
+
+    job_id: str
+    spec: JobSpec
+    participants: tuple[str, ...]
+    options: dict[str, Any]
+    status: str
+    rounds_done: int
+    history: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    submitted_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def status_dict(self) -> dict[str, Any]:
+        """What ``GET /v1/jobs/{id}`` shows: status, progress, aggregate metrics. No model, no
+        per-party value."""
+        out: dict[str, Any] = {
+            "job_id": self.job_id,
+            "status": self.status,
+            "rounds": self.spec.rounds,
+            "rounds_done": self.rounds_done,
+            "participants": list(self.participants),
+            "history": self.history,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+        if self.result is not None:
+            out["metrics"] = self.result.get("metrics", {})
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    job_id: str
+    participant_id: str
+    seq: int
+    stage: str
+    round: int
+    attempt: int
+    request: bytes
+    status: str
+    deadline_at: datetime
+    deliveries: int = 0
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """The answer to a result submission; ``duplicate`` when the same bytes were already stored."""
+
+    task_id: str
+    job_id: str
+    participant_id: str
+    attempt: int
+    received_at: datetime
+    duplicate: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "job_id": self.job_id,
+            "participant_id": self.participant_id,
+            "attempt": self.attempt,
+            "received_at": self.received_at.isoformat(),
+            "duplicate": self.duplicate,
+        }
+
+
+@dataclass
+class _Waiters:
+    condition: threading.Condition = field(default_factory=threading.Condition)
+    version: int = 0
+
+
+class CoordinatorState:
+    """Jobs, tasks and results in the coordinator's ``store``. Thread-safe; ``clock`` gives the
+    (UTC) time written to rows and compared with deadlines."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        recheck: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.recheck = recheck
+        self._waiters = _Waiters()
+        self._closed = threading.Event()
+
+    # --- wake-ups --------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        with self._waiters.condition:
+            self._waiters.version += 1
+            self._waiters.condition.notify_all()
+
+    def _wait_for(self, probe: Callable[[], Any], timeout: float, stop: threading.Event | None):
+        """``probe()`` once it is truthy, or its last (falsy) value after ``timeout`` seconds."""
+        end = time.monotonic() + max(0.0, timeout)
+        cond = self._waiters.condition
+        while True:
+            with cond:
+                seen = self._waiters.version
+            value = probe()
+            left = end - time.monotonic()
+            if value or left <= 0 or self._closed.is_set() or (stop is not None and stop.is_set()):
+                return value
+            with cond:
+                if self._waiters.version == seen:
+                    cond.wait(min(left, self.recheck))
+
+    def close(self) -> None:
+        """Wake every waiter and make further waits return at once (service shutdown)."""
+        self._closed.set()
+        self._notify()
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        spec: JobSpec,
+        participants: Sequence[str],
+        options: dict[str, Any],
+        *,
+        submitted_by: str,
+    ) -> JobRecord:
+        """Record a queued job; a job id already taken is a :class:`ConflictError`."""
+        row = {
+            "job_id": spec.job_id,
+            "spec": json.dumps(spec.to_dict(), sort_keys=True),
+            "participants": json.dumps(sorted(participants)),
+            "options": json.dumps(options, sort_keys=True),
+            "status": QUEUED,
+            "rounds_done": 0,
+            "history": "[]",
+            "submitted_by": submitted_by,
+            "created_at": self.clock(),
+        }
+        try:
+            with self.store.begin() as conn:
+                conn.execute(insert(jobs).values(row))
+        except IntegrityError:
+            raise ConflictError(
+                "a job with this id already exists",
+                field="job_id",
+                value=spec.job_id,
+                fix="choose another job id, or leave it out to get a generated one",
+            ) from None
+        return self.job(spec.job_id)
+
+    def find_job(self, job_id: str) -> JobRecord | None:
+        with self.store.begin() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.job_id == job_id)).first()
+        if row is None:
+            return None
+        return JobRecord(
+            job_id=row.job_id,
+            spec=JobSpec.from_dict(json.loads(row.spec)),
+            participants=tuple(json.loads(row.participants)),
+            options=json.loads(row.options),
+            status=row.status,
+            rounds_done=row.rounds_done,
+            history=json.loads(row.history),
+            result=json.loads(row.result) if row.result else None,
+            error=json.loads(row.error) if row.error else None,
+            submitted_by=row.submitted_by,
+            created_at=_from_db(row.created_at),  # type: ignore[arg-type]
+            started_at=_from_db(row.started_at),
+            finished_at=_from_db(row.finished_at),
+        )
+
+    def job(self, job_id: str) -> JobRecord:
+        record = self.find_job(job_id)
+        if record is None:
+            raise NotFoundError("unknown job", field="job_id", value=job_id, fix="check the id")
+        return record
+
+    def jobs_with_status(self, *statuses: str) -> list[str]:
+        with self.store.begin() as conn:
+            rows = conn.execute(
+                select(jobs.c.job_id).where(jobs.c.status.in_(statuses)).order_by(jobs.c.job_id)
+            )
+            return [r.job_id for r in rows]
+
+    def job_started(self, job_id: str) -> None:
+        self._update_job(job_id, status=RUNNING, started_at=self.clock())
+
+    def round_committed(self, job_id: str, record: dict[str, Any]) -> None:
+        """Append one round (aggregates and participant names only) to the job's history."""
+        with self.store.writer() as conn:
+            row = conn.execute(select(jobs.c.history).where(jobs.c.job_id == job_id)).first()
+            history = json.loads(row.history) if row else []
+            history.append(record)
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.job_id == job_id)
+                .values(history=json.dumps(history), rounds_done=len(history))
+            )
+            conn.commit()
+        self._notify()
+
+    def job_finished(
+        self,
+        job_id: str,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Mark the job succeeded (with ``result``) or failed (with ``error``); its unanswered
+        tasks expire."""
+        self._update_job(
+            job_id,
+            status=FAILED if error is not None else SUCCEEDED,
+            result=json.dumps(result, allow_nan=False) if result is not None else None,
+            error=json.dumps(error) if error is not None else None,
+            finished_at=self.clock(),
+        )
+        with self.store.begin() as conn:
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
+                .values(status=EXPIRED)
+            )
+        self._notify()
+
+    def _update_job(self, job_id: str, **values: Any) -> None:
+        with self.store.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(**values))
+        self._notify()
+
+    def wait_job(
+        self, job_id: str, timeout: float, *, done: Sequence[str] = (SUCCEEDED, FAILED)
+    ) -> JobRecord:
+        """The job once its status is in ``done``, or as it is after ``timeout`` seconds."""
+        found = self._wait_for(
+            lambda: (r := self.job(job_id)).status in done and r, timeout, stop=None
+        )
+        return found or self.job(job_id)
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    def add_task(
+        self,
+        *,
+        job_id: str,
+        participant_id: str,
+        seq: int,
+        stage: str,
+        round: int,
+        request: bytes,
+        deadline: timedelta,
+        attempt: int = 1,
+    ) -> TaskRecord:
+        """Queue ``request`` (an encoded frame) for ``participant_id``, answerable until now +
+        ``deadline``; wakes that participant's long-poll."""
+        now = self.clock()
+        record = TaskRecord(
+            task_id=secrets.token_urlsafe(18),
+            job_id=job_id,
+            participant_id=participant_id,
+            seq=seq,
+            stage=stage,
+            round=round,
+            attempt=attempt,
+            request=request,
+            status=PENDING,
+            deadline_at=now + deadline,
+        )
+        with self.store.begin() as conn:
+            conn.execute(
+                insert(tasks).values(
+                    task_id=record.task_id,
+                    job_id=job_id,
+                    participant_id=participant_id,
+                    seq=seq,
+                    stage=stage,
+                    round=round,
+                    attempt=attempt,
+                    request=request,
+                    status=PENDING,
+                    created_at=now,
+                    deadline_at=record.deadline_at,
+                    deliveries=0,
+                )
+            )
+        self._notify()
+        return record
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        with self.store.begin() as conn:
+            row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
+        return None if row is None else self._task(row)
+
+    @staticmethod
+    def _task(row: Any) -> TaskRecord:
+        return TaskRecord(
+            task_id=row.task_id,
+            job_id=row.job_id,
+            participant_id=row.participant_id,
+            seq=row.seq,
+            stage=row.stage,
+            round=row.round,
+            attempt=row.attempt,
+            request=bytes(row.request),
+            status=row.status,
+            deadline_at=_from_db(row.deadline_at),  # type: ignore[arg-type]
+            deliveries=row.deliveries,
+        )
+
+    def _next_task(self, participant_id: str) -> TaskRecord | None:
+        now = self.clock()
+        with self.store.begin() as conn:
+            row = conn.execute(
+                select(tasks)
+                .join(jobs, jobs.c.job_id == tasks.c.job_id)
+                .where(
+                    tasks.c.participant_id == participant_id,
+                    tasks.c.status == PENDING,
+                    tasks.c.deadline_at > now,
+                    jobs.c.status == RUNNING,
+                )
+                .order_by(tasks.c.created_at, tasks.c.seq)
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.task_id == row.task_id)
+                .values(deliveries=tasks.c.deliveries + 1, last_delivered_at=now)
+            )
+        return self._task(row)
+
+    def next_task(
+        self, participant_id: str, *, wait: float = 0.0, stop: threading.Event | None = None
+    ) -> TaskRecord | None:
+        """The oldest unanswered, unexpired task of a running job for ``participant_id``,
+        waiting up to ``wait`` seconds for one to be queued (a long-poll)."""
+        return self._wait_for(lambda: self._next_task(participant_id), wait, stop)
+
+    def expire_task(self, task_id: str) -> bool:
+        """Give up on an unanswered task (its deadline passed); True when it was still pending."""
+        with self.store.begin() as conn:
+            changed = conn.execute(
+                update(tasks)
+                .where(tasks.c.task_id == task_id, tasks.c.status == PENDING)
+                .values(status=EXPIRED)
+            ).rowcount
+        return changed == 1
+
+    # --- results ---------------------------------------------------------------------------------
+
+    def submit_result(self, participant_id: str, task_id: str, reply: bytes) -> Acknowledgement:
+        """Store ``reply`` (an already validated frame) as the answer to ``task_id``, once.
+
+        A task that is not ``participant_id``'s (or does not exist: a caller learns nothing about
+        other participants' task ids) is a :class:`ForbiddenError`; other bytes for an answered
+        task, or a reply after the task expired, a :class:`ConflictError`."""
+        digest = hashlib.sha256(reply).hexdigest()
+        now = self.clock()
+        with self.store.writer() as conn:
+            task = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
+            if task is None or task.participant_id != participant_id:
+                raise ForbiddenError(
+                    "this task is not assigned to this participant",
+                    code="other_participant",
+                    field="task_id",
+                    fix="submit results only for tasks this participant received",
+                )
+            stored = conn.execute(select(results).where(results.c.task_id == task_id)).first()
+            if stored is not None:
+                if stored.reply_sha256 != digest:
+                    raise ConflictError(
+                        "this task already has a different result",
+                        field="task_id",
+                        value=task_id,
+                        fix="a result is final; do not resubmit changed results",
+                    )
+                return Acknowledgement(
+                    task_id,
+                    stored.job_id,
+                    participant_id,
+                    stored.attempt,
+                    _from_db(stored.received_at),  # type: ignore[arg-type]
+                    duplicate=True,
+                )
+            if task.status != PENDING or _from_db(task.deadline_at) <= now:  # type: ignore[operator]
+                raise ConflictError(
+                    "the task's deadline passed; the coordinator went on without this result",
+                    field="task_id",
+                    value=task_id,
+                    fix="poll for the next task",
+                )
+            created = _from_db(task.created_at)
+            try:
+                conn.execute(
+                    insert(results).values(
+                        task_id=task_id,
+                        job_id=task.job_id,
+                        participant_id=participant_id,
+                        attempt=task.attempt,
+                        reply=reply,
+                        reply_sha256=digest,
+                        received_at=now,
+                        seconds=max(0.0, (now - created).total_seconds()),  # type: ignore[operator]
+                    )
+                )
+            except IntegrityError:  # a concurrent identical submission won: answer as it did
+                conn.rollback()
+                return self.submit_result(participant_id, task_id, reply)
+            conn.execute(
+                update(tasks)
+                .where(and_(tasks.c.task_id == task_id, tasks.c.status == PENDING))
+                .values(status=DONE)
+            )
+            conn.commit()
+        self._notify()
+        return Acknowledgement(task_id, task.job_id, participant_id, task.attempt, now)
+
+    def _result(self, task_id: str) -> bytes | None:
+        with self.store.begin() as conn:
+            row = conn.execute(select(results.c.reply).where(results.c.task_id == task_id)).first()
+        return None if row is None else bytes(row.reply)
+
+    def wait_result(
+        self, task_id: str, timeout: float, *, stop: threading.Event | None = None
+    ) -> bytes | None:
+        """The reply frame to ``task_id``, waiting up to ``timeout`` seconds; None if none came."""
+        return self._wait_for(lambda: self._result(task_id), timeout, stop)
