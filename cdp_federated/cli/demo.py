@@ -84,9 +84,11 @@ def demo(
         f"log loss {result['logloss']:.4f}; {result['seconds']:.1f}s\nmodel: {result['model_path']}"
     )
     pol = result["policy"]
+    first = next(iter(result["databases"]))
     console.print(
         f"policy {pol['name']} v{pol['version']} ({pol['hash'][:12]}) allowed the job at every "
         "participant; audit heads signed: "
         + ", ".join(f"{n} {a['entries']} entries" for n, a in result["audit"].items())
-        + f"\nverify with: cdp-fl audit verify --db <database> --key {out}/keys/<participant>-audit.key"
+        + f"\nverify one: cdp-fl audit verify --db {result['databases'][first]} "
+        f"--key {out}/keys/{first}-audit.key"
     )

@@ -1,30 +1,31 @@
 """A :class:`~cdp_federated.federation.transport.Transport` over the coordinator's task queue.
 
-The strategy (:func:`.runner.run_horizontal`) calls ``request(participant, message)`` exactly as
-it does in-process. Here the request is encoded once, persisted as a task row for that participant
-(:class:`.state.CoordinatorState`), and the call blocks until the participant -- polling the HTTP
-API from its own process -- posts its reply, or the deadline passes. A missed deadline is a
+The strategy (:func:`.runner.run_horizontal`) calls ``request_many({participant: message})`` for
+each stage exactly as it does in-process. Here every request is encoded once and persisted as a
+task row for its participant (:class:`.state.CoordinatorState`), all in one transaction, and the
+call blocks until every participant -- polling the HTTP API from its own process -- has posted its
+reply, or the one deadline shared by the batch passes. A missed deadline is a
 :class:`~cdp_federated.federation.messages.Failure` reply (stage and "deadline exceeded"), so the
 strategy treats the participant as a dropout, as it does any other failure.
 
-Latency: ``run_horizontal`` asks participants one after another, so a round costs the sum of the
-participants' reply times, not their maximum. A waiting call wakes the moment the reply is
-written (a condition variable, no sleep loop), so the added cost per request on loopback is one
-long-poll answer plus one POST and a few small transactions; see ``docs/runtime.md`` for figures.
-A participant that never answers costs ``deadline`` per request.
+Latency: the participants of a round work concurrently, so a round costs about the slowest
+participant's reply time, and a silent participant costs one ``deadline`` per stage, not one per
+request. A waiting call wakes the moment a reply is written (a condition variable, no sleep loop)
+and then reads only the replies still missing; see ``docs/runtime.md`` and
+``benchmarks/runtime_overhead.py`` for figures. ``request`` is a batch of one.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 
 from ..errors import CodecError, TransportError
 from ..federation.codec import Codec
 from ..federation.messages import Failure, Message
-from ..federation.transport import Recorder, Transport, stage_of
-from .state import CoordinatorState
+from ..federation.transport import Recorder, Transport, stage_of, undelivered
+from .state import CoordinatorState, NewTask
 
 __all__ = ["QueueTransport", "DEADLINE_EXCEEDED"]
 
@@ -68,32 +69,52 @@ class QueueTransport(Transport):
 
     def request(self, participant: str, message: Message) -> Message:
         if participant not in self._participants:
-            raise TransportError(
-                "unknown participant",
-                field="participant",
-                value=participant,
-                fix=f"use one of: {', '.join(self._participants) or '(none)'}",
-            )
-        frame = self._codec.encode(message)  # the coordinator's own defect: raises
-        if self._recorder is not None:
-            self._recorder("request", participant, frame)
+            raise self._unknown(participant)
+        return self.request_many({participant: message})[participant]
+
+    def request_many(self, requests: Mapping[str, Message]) -> dict[str, Message]:
+        """Queue every request (one transaction), then await all replies under one deadline."""
+        replies: dict[str, Message] = {}
+        frames: dict[str, bytes] = {}
+        for participant, message in requests.items():
+            if participant not in self._participants:
+                replies[participant] = undelivered(participant, message, self._unknown(participant))
+                continue
+            frames[participant] = self._codec.encode(message)  # the coordinator's defect: raises
+            if self._recorder is not None:
+                self._recorder("request", participant, frames[participant])
         with self._lock:
-            self._seq += 1
-            seq = self._seq
-        stage = stage_of(message)
-        task = self.state.add_task(
-            job_id=self.job_id,
-            participant_id=participant,
-            seq=seq,
-            stage=stage,
-            round=int(getattr(message, "round", 0)),
-            request=frame,
+            first = self._seq + 1
+            self._seq += len(frames)
+        queued = self.state.add_tasks(
+            self.job_id,
+            [
+                NewTask(
+                    participant_id=participant,
+                    seq=first + i,
+                    stage=stage_of(requests[participant]),
+                    round=int(getattr(requests[participant], "round", 0)),
+                    request=frame,
+                )
+                for i, (participant, frame) in enumerate(frames.items())
+            ],
             deadline=self.deadline,
         )
-        reply = self.state.wait_result(task.task_id, self.deadline.total_seconds(), stop=self._stop)
-        if reply is None:
-            self.state.expire_task(task.task_id)
-            reply = self.state.wait_result(task.task_id, 0)  # answered just before it expired?
+        task_ids = {task.participant_id: task.task_id for task in queued}
+        seconds = self.deadline.total_seconds()
+        answers = self.state.wait_results(list(task_ids.values()), seconds, stop=self._stop)
+        late = [t for t in task_ids.values() if t not in answers]
+        if late:
+            self.state.expire_tasks(late)
+            answers |= self.state.wait_results(late, 0)  # answered just before they expired?
+        for participant, message in requests.items():
+            if participant in task_ids:
+                replies[participant] = self._reply(
+                    participant, stage_of(message), answers.get(task_ids[participant])
+                )
+        return {participant: replies[participant] for participant in requests}
+
+    def _reply(self, participant: str, stage: str, reply: bytes | None) -> Message:
         if reply is None:
             seconds = self.deadline.total_seconds()
             why = "coordinator is stopping" if self._stop and self._stop.is_set() else ""
@@ -109,3 +130,11 @@ class QueueTransport(Transport):
             return self._codec.decode(reply)  # validated when received; decoded here again
         except CodecError as exc:
             return Failure(participant, stage, type(exc).__name__, str(exc))
+
+    def _unknown(self, participant: str) -> TransportError:
+        return TransportError(
+            "unknown participant",
+            field="participant",
+            value=participant,
+            fix=f"use one of: {', '.join(self._participants) or '(none)'}",
+        )

@@ -42,7 +42,7 @@ from ..federation.messages import (
     StatsIns,
     StatsRes,
 )
-from ..federation.transport import Transport, stage_of
+from ..federation.transport import Transport, stage_of, undelivered
 from ..jobs import JobSpec
 from ..learning import logreg
 from ..learning.aggregate import Moments, combine_moments
@@ -291,10 +291,11 @@ def _standardisation(
     transport: Transport, participants: list[str], wire_job: dict[str, Any], d: int
 ) -> tuple[Moments, dict[str, int]]:
     """Every participant must report its moments: standardisation needs all of them."""
+    request = StatsIns(job=wire_job, split="train")
+    answers = _ask_all(transport, dict.fromkeys(participants, request))
     replies: dict[str, StatsRes] = {}
     for name in participants:
-        request = StatsIns(job=wire_job, split="train")
-        reply = _ask(transport, name, request)
+        reply = answers[name]
         if (
             not isinstance(reply, StatsRes)
             or reply.sums.shape != (d,)
@@ -317,8 +318,9 @@ def _collect_fits(
     """Ask each participant; a reply that is not a usable ``FitRes`` counts as a failure."""
     results: dict[str, FitRes] = {}
     failures: dict[str, Failure] = {}
-    for name, request in requests.items():
-        reply = _ask(transport, name, request)
+    answers = _ask_all(transport, requests)
+    for name, request in sorted(requests.items()):
+        reply = answers[name]
         if isinstance(reply, FitRes) and reply.parameters.shape == shape and reply.num_examples > 0:
             results[name] = reply
         else:
@@ -349,16 +351,17 @@ def _evaluate(
     positives = np.zeros(bins, dtype=np.int64)
     negatives = np.zeros(bins, dtype=np.int64)
     log_loss_sum, counts, failures = 0.0, {}, {}
+    request = EvaluateIns(
+        job=wire_job,
+        split=split,
+        parameters=parameters,
+        mean=moments.mean,
+        scale=moments.scale,
+        bins=bins,
+    )
+    answers = _ask_all(transport, dict.fromkeys(participants, request))
     for name in participants:
-        request = EvaluateIns(
-            job=wire_job,
-            split=split,
-            parameters=parameters,
-            mean=moments.mean,
-            scale=moments.scale,
-            bins=bins,
-        )
-        reply = _ask(transport, name, request)
+        reply = answers[name]
         if _valid_histograms(reply, bins):
             positives += reply.positives.astype(np.int64)
             negatives += reply.negatives.astype(np.int64)
@@ -400,12 +403,19 @@ def _valid_histograms(reply: Message, bins: int) -> bool:
 # --- replies -------------------------------------------------------------------------------------
 
 
-def _ask(transport: Transport, participant: str, request: Message) -> Message:
-    """The participant's reply; a delivery failure becomes a :class:`Failure` like any other."""
+def _ask_all(transport: Transport, requests: Mapping[str, Message]) -> dict[str, Message]:
+    """Every participant's reply, asked together and keyed by name (sorted, whatever order they
+    came back in); a delivery failure becomes a :class:`Failure` like any other, and so does a
+    reply the transport left out."""
+    ordered = dict(sorted(requests.items()))
     try:
-        return transport.request(participant, request)
-    except TransportError as exc:
-        return Failure(participant, stage_of(request), type(exc).__name__, str(exc))
+        replies = transport.request_many(ordered)
+    except TransportError as exc:  # the whole batch could not be sent
+        replies = {name: undelivered(name, message, exc) for name, message in ordered.items()}
+    return {
+        name: replies.get(name) or undelivered(name, message, TransportError("no reply returned"))
+        for name, message in ordered.items()
+    }
 
 
 def _as_failure(participant: str, request: Message, reply: Message, wanted: str) -> Failure:

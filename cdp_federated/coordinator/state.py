@@ -44,6 +44,7 @@ __all__ = [
     "ConflictError",
     "JobRecord",
     "TaskRecord",
+    "NewTask",
     "Acknowledgement",
     "CoordinatorState",
 ]
@@ -113,6 +114,18 @@ class TaskRecord:
     status: str
     deadline_at: datetime
     deliveries: int = 0
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task to queue with :meth:`CoordinatorState.add_tasks`: ``request`` is the encoded frame."""
+
+    participant_id: str
+    seq: int
+    stage: str
+    round: int
+    request: bytes
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -326,38 +339,53 @@ class CoordinatorState:
     ) -> TaskRecord:
         """Queue ``request`` (an encoded frame) for ``participant_id``, answerable until now +
         ``deadline``; wakes that participant's long-poll."""
+        spec = NewTask(participant_id, seq, stage, round, request, attempt)
+        return self.add_tasks(job_id, [spec], deadline=deadline)[0]
+
+    def add_tasks(
+        self, job_id: str, new: Sequence[NewTask], *, deadline: timedelta
+    ) -> list[TaskRecord]:
+        """Queue several tasks of ``job_id`` in one transaction, all answerable until now +
+        ``deadline``, and wake the long-polls once."""
         now = self.clock()
-        record = TaskRecord(
-            task_id=secrets.token_urlsafe(18),
-            job_id=job_id,
-            participant_id=participant_id,
-            seq=seq,
-            stage=stage,
-            round=round,
-            attempt=attempt,
-            request=request,
-            status=PENDING,
-            deadline_at=now + deadline,
-        )
-        with self.store.begin() as conn:
-            conn.execute(
-                insert(tasks).values(
-                    task_id=record.task_id,
-                    job_id=job_id,
-                    participant_id=participant_id,
-                    seq=seq,
-                    stage=stage,
-                    round=round,
-                    attempt=attempt,
-                    request=request,
-                    status=PENDING,
-                    created_at=now,
-                    deadline_at=record.deadline_at,
-                    deliveries=0,
-                )
+        records = [
+            TaskRecord(
+                task_id=secrets.token_urlsafe(18),
+                job_id=job_id,
+                participant_id=t.participant_id,
+                seq=t.seq,
+                stage=t.stage,
+                round=t.round,
+                attempt=t.attempt,
+                request=t.request,
+                status=PENDING,
+                deadline_at=now + deadline,
             )
+            for t in new
+        ]
+        if not records:
+            return []
+        rows = [
+            {
+                "task_id": r.task_id,
+                "job_id": job_id,
+                "participant_id": r.participant_id,
+                "seq": r.seq,
+                "stage": r.stage,
+                "round": r.round,
+                "attempt": r.attempt,
+                "request": r.request,
+                "status": PENDING,
+                "created_at": now,
+                "deadline_at": r.deadline_at,
+                "deliveries": 0,
+            }
+            for r in records
+        ]
+        with self.store.begin() as conn:
+            conn.execute(insert(tasks), rows)
         self._notify()
-        return record
+        return records
 
     def task(self, task_id: str) -> TaskRecord | None:
         with self.store.begin() as conn:
@@ -413,13 +441,18 @@ class CoordinatorState:
 
     def expire_task(self, task_id: str) -> bool:
         """Give up on an unanswered task (its deadline passed); True when it was still pending."""
+        return self.expire_tasks([task_id]) == 1
+
+    def expire_tasks(self, task_ids: Sequence[str]) -> int:
+        """Give up on unanswered tasks in one transaction; how many were still pending."""
+        if not task_ids:
+            return 0
         with self.store.begin() as conn:
-            changed = conn.execute(
+            return conn.execute(
                 update(tasks)
-                .where(tasks.c.task_id == task_id, tasks.c.status == PENDING)
+                .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status == PENDING)
                 .values(status=EXPIRED)
             ).rowcount
-        return changed == 1
 
     # --- results ---------------------------------------------------------------------------------
 
@@ -500,3 +533,27 @@ class CoordinatorState:
     ) -> bytes | None:
         """The reply frame to ``task_id``, waiting up to ``timeout`` seconds; None if none came."""
         return self._wait_for(lambda: self._result(task_id), timeout, stop)
+
+    def wait_results(
+        self, task_ids: Sequence[str], timeout: float, *, stop: threading.Event | None = None
+    ) -> dict[str, bytes]:
+        """The reply frames to ``task_ids`` that came within ``timeout`` seconds, by task id:
+        returns as soon as all have come. Each wake-up reads only the replies still missing."""
+        found: dict[str, bytes] = {}
+        missing = set(task_ids)
+
+        def probe() -> bool:
+            if missing:
+                with self.store.begin() as conn:
+                    rows = conn.execute(
+                        select(results.c.task_id, results.c.reply).where(
+                            results.c.task_id.in_(sorted(missing))
+                        )
+                    ).all()
+                for row in rows:
+                    found[row.task_id] = bytes(row.reply)
+                    missing.discard(row.task_id)
+            return not missing
+
+        self._wait_for(probe, timeout, stop)
+        return found
