@@ -39,7 +39,7 @@ from .governance.policy import Policy, load_policy
 from .host import Host
 from .jobs import JobSpec
 from .participant.agent import ParticipantAgent
-from .participant.governance import LocalGovernance
+from .participant.governance import LocalGovernance, decision_context
 from .participant.pipeline import Funnel, check_policy, load_consented, split_train_test
 from .plugins import make_plugin_manager
 from .registry import save_model
@@ -132,22 +132,7 @@ def _prepare_party(
 
 def _contexts(policy: Policy, names: list[str], now: datetime) -> dict[str, DecisionContext]:
     """How each demo participant describes itself to its own policy engine."""
-    coordinator = next((p for p in policy.partners if "coordinator" in p.roles), None)
-    out = {}
-    for name in names:
-        partner = policy.partner(name)
-        out[name] = DecisionContext(
-            participant=name,
-            now=now,
-            organisation=partner.organisation if partner else None,
-            region=partner.region if partner else None,
-            coordinator_region=coordinator.region if coordinator else None,
-            partners=tuple(names),
-            identity_method=None,  # horizontal: no record linkage between participants
-            secure_aggregation=False,
-            output_use=OUTPUT_USE,
-        )
-    return out
+    return {name: decision_context(policy, name, names, now, OUTPUT_USE) for name in names}
 
 
 def _load_policy(path: Path | None) -> Policy:

@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ..errors import AuthError, ConfigError
+from ..keyfiles import check_private_mode, write_private
 from .authz import ROLES
 
 __all__ = [
@@ -247,24 +248,16 @@ def _keyring_error(message: str, path: Path, fix: str) -> ConfigError:
 
 
 def _check_private_mode(path: Path) -> None:
-    if os.name != "posix":
-        return
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise ConfigError(
-            "coordinator signing key is readable by group or others",
-            field="keyring",
-            value=f"{path} (mode {mode & 0o777:o})",
-            fix=f"chmod 600 {path}",
-        )
+    check_private_mode(
+        path,
+        lambda message, value, fix: ConfigError(
+            f"coordinator signing key: {message}", field="keyring", value=value, fix=fix
+        ),
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_private(path, data)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

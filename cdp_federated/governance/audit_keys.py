@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ..errors import AuditKeyError
+from ..keyfiles import check_private_mode
 from ..settings import data_dir, get_setting
 
 __all__ = [
@@ -164,16 +165,12 @@ def _read(path: Path) -> bytes:
 
 
 def _check_private_mode(path: Path) -> None:
-    if os.name != "posix":
-        return
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise AuditKeyError(
-            "audit signing key is readable by group or others",
-            field="audit_key",
-            value=f"{path} (mode {mode & 0o777:o})",
-            fix=f"chmod 600 {path}",
-        )
+    check_private_mode(
+        path,
+        lambda message, value, fix: AuditKeyError(
+            f"audit signing key: {message}", field="audit_key", value=value, fix=fix
+        ),
+    )
 
 
 def _load_private(path: Path, data: bytes) -> Ed25519PrivateKey:

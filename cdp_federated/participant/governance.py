@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from ..errors import PolicyViolation
@@ -28,7 +29,7 @@ from ..governance.engine import DecisionContext, PolicyDecision, evaluate
 from ..governance.policy import ConsentRule, Policy
 from ..jobs import JobSpec
 
-__all__ = ["LocalGovernance"]
+__all__ = ["LocalGovernance", "decision_context"]
 
 
 @dataclass
@@ -180,3 +181,23 @@ class LocalGovernance:
             "head": checkpoint.head_hash,
             "key_id": checkpoint.key_id,
         }
+
+
+def decision_context(
+    policy: Policy, participant: str, partners: list[str], now: datetime, output_use: str | None
+) -> DecisionContext:
+    """How this participant describes itself to its own policy: organisation and region from its
+    partner entry, the coordinator's region from the coordinator's entry."""
+    partner = policy.partner(participant)
+    coordinator = next((p for p in policy.partners if "coordinator" in p.roles), None)
+    return DecisionContext(
+        participant=participant,
+        now=now,
+        organisation=partner.organisation if partner else None,
+        region=partner.region if partner else None,
+        coordinator_region=coordinator.region if coordinator else None,
+        partners=tuple(partners),
+        identity_method=None,  # horizontal: no record linkage between participants
+        secure_aggregation=False,
+        output_use=output_use,
+    )

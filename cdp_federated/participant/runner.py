@@ -48,12 +48,11 @@ from ..federation.codec import Codec
 from ..federation.messages import Failure, Message
 from ..federation.transport import stage_of
 from ..governance.audit import AuditLog
-from ..governance.engine import DecisionContext
 from ..governance.policy import Policy, load_policy
 from ..jobs import JobSpec
 from ..store import Store, open_store
 from .agent import ParticipantAgent
-from .governance import LocalGovernance
+from .governance import LocalGovernance, decision_context
 from .http_client import CoordinatorClient, Task, TokenInfo
 from .pipeline import Funnel, check_policy, load_consented, split_train_test
 
@@ -170,26 +169,6 @@ def load_config(
 
 
 # --- the local pipeline --------------------------------------------------------------------------
-
-
-def decision_context(
-    policy: Policy, participant: str, partners: list[str], now: datetime, output_use: str | None
-) -> DecisionContext:
-    """How this participant describes itself to its own policy: organisation and region from its
-    partner entry, the coordinator's region from the coordinator's entry."""
-    partner = policy.partner(participant)
-    coordinator = next((p for p in policy.partners if "coordinator" in p.roles), None)
-    return DecisionContext(
-        participant=participant,
-        now=now,
-        organisation=partner.organisation if partner else None,
-        region=partner.region if partner else None,
-        coordinator_region=coordinator.region if coordinator else None,
-        partners=tuple(partners),
-        identity_method=None,  # horizontal: no record linkage between participants
-        secure_aggregation=False,
-        output_use=output_use,
-    )
 
 
 @dataclass
