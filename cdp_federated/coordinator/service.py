@@ -457,13 +457,12 @@ def create_app(
         task = coord.state.next_task(participant_id, wait=min(wait, settings.max_poll_wait_seconds))
         if task is None:
             return Response(status_code=204)
-        record = coord.state.job(task.job_id)
         authorize(
             who,
             POLL_TASKS,
             participant_id=participant_id,
             job_id=task.job_id,
-            job_participants=set(record.participants),
+            job_participants=set(coord.state.job_participants(task.job_id)),
         )
         return Response(
             content=task.request,
@@ -479,21 +478,21 @@ def create_app(
         )
 
     def _store_result(participant_id: str, task_id: str, body: bytes, who: Claims) -> Any:
-        task = coord.state.task(task_id)
-        if task is None or task.participant_id != participant_id:
+        owner = coord.state.task_owner(task_id)  # not the task itself: its frame is large
+        if owner is None or owner[0] != participant_id:
             raise ForbiddenError(
                 "this task is not assigned to this participant",
                 code="other_participant",
                 field="task_id",
                 fix="submit results only for tasks this participant received",
             )
-        record = coord.state.job(task.job_id)
+        job_id = owner[1]
         authorize(
             who,
             SUBMIT_RESULT,
             participant_id=participant_id,
-            job_id=task.job_id,
-            job_participants=set(record.participants),
+            job_id=job_id,
+            job_participants=set(coord.state.job_participants(job_id)),
         )
         reply = coord.reply_codec.decode(body)  # CodecError -> 400 with its message
         if isinstance(reply, Failure) and reply.participant != participant_id:

@@ -20,7 +20,9 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,6 +54,7 @@ __all__ = [
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 PENDING, DONE, EXPIRED = "pending", "done", "expired"
+_LIGHT_TASK = [c for c in tasks.c if c.name != "request"]  # a task row without its frame
 
 
 def _from_db(value: datetime | None) -> datetime | None:
@@ -150,10 +153,23 @@ class Acknowledgement:
         }
 
 
+EVERYONE = "*"
+
+
 @dataclass
 class _Waiters:
+    """Wake-up counters: ``version`` counts every write; ``topics`` counts writes per topic
+    (``tasks:<participant>``, ``result:<task_id>``, or ``*`` for writes that concern everyone), so a
+    waiter that names its topics probes the database only when one of them changed."""
+
     condition: threading.Condition = field(default_factory=threading.Condition)
     version: int = 0
+    topics: Counter[str] = field(default_factory=Counter)
+
+    def seen(self, topics: Sequence[str]) -> Any:
+        if not topics:
+            return self.version
+        return tuple(self.topics[t] for t in (EVERYONE, *topics))
 
 
 class CoordinatorState:
@@ -172,28 +188,58 @@ class CoordinatorState:
         self.recheck = recheck
         self._waiters = _Waiters()
         self._closed = threading.Event()
+        self._write_lock = threading.RLock() if store.dialect == "sqlite" else None
+        # request frames of the pending tasks this process queued, by task id: delivering one then
+        # reads no large value back from the database (dropped once the task is answered/expired)
+        self._frames: dict[str, bytes] = {}
 
     # --- wake-ups --------------------------------------------------------------------------------
 
-    def _notify(self) -> None:
+    def _notify(self, *topics: str) -> None:
+        """Wake the waiters of ``topics`` (none: every waiter) and those that watch every write."""
         with self._waiters.condition:
             self._waiters.version += 1
+            for topic in topics or (EVERYONE,):
+                self._waiters.topics[topic] += 1
             self._waiters.condition.notify_all()
 
-    def _wait_for(self, probe: Callable[[], Any], timeout: float, stop: threading.Event | None):
-        """``probe()`` once it is truthy, or its last (falsy) value after ``timeout`` seconds."""
+    def _wait_for(
+        self,
+        probe: Callable[[], Any],
+        timeout: float,
+        stop: threading.Event | None,
+        topics: Sequence[str] = (),
+    ):
+        """``probe()`` once it is truthy, or its last (falsy) value after ``timeout`` seconds.
+        It probes again when a write of ``topics`` (none: any write) happened in this process, and
+        at least every ``recheck`` seconds for writes by other processes."""
         end = time.monotonic() + max(0.0, timeout)
-        cond = self._waiters.condition
+        waiters = self._waiters
         while True:
-            with cond:
-                seen = self._waiters.version
+            with waiters.condition:
+                seen = waiters.seen(topics)
             value = probe()
-            left = end - time.monotonic()
-            if value or left <= 0 or self._closed.is_set() or (stop is not None and stop.is_set()):
+            now = time.monotonic()
+            if value or now >= end or self._closed.is_set() or (stop is not None and stop.is_set()):
                 return value
-            with cond:
-                if self._waiters.version == seen:
-                    cond.wait(min(left, self.recheck))
+            recheck_at = min(end, now + self.recheck)
+            with waiters.condition:
+                while waiters.seen(topics) == seen and not self._closed.is_set():
+                    left = recheck_at - time.monotonic()
+                    if left <= 0 or (stop is not None and stop.is_set()):
+                        break
+                    waiters.condition.wait(left)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Serialise this process's write transactions on SQLite: a writer queued here gets the
+        lock the moment it is free, where SQLite's busy handler would sleep in growing steps
+        (1, 2, 5, 10... ms). Other processes still meet the busy timeout; PostgreSQL needs none."""
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     def close(self) -> None:
         """Wake every waiter and make further waits return at once (service shutdown)."""
@@ -223,7 +269,7 @@ class CoordinatorState:
             "created_at": self.clock(),
         }
         try:
-            with self.store.begin() as conn:
+            with self._writing(), self.store.begin() as conn:
                 conn.execute(insert(jobs).values(row))
         except IntegrityError:
             raise ConflictError(
@@ -261,6 +307,23 @@ class CoordinatorState:
             raise NotFoundError("unknown job", field="job_id", value=job_id, fix="check the id")
         return record
 
+    def job_participants(self, job_id: str) -> tuple[str, ...]:
+        """The job's participants (what authorisation needs), without reading the rest of the
+        row; a :class:`NotFoundError` for an unknown job."""
+        with self.store.begin() as conn:
+            row = conn.execute(select(jobs.c.participants).where(jobs.c.job_id == job_id)).first()
+        if row is None:
+            raise NotFoundError("unknown job", field="job_id", value=job_id, fix="check the id")
+        return tuple(json.loads(row.participants))
+
+    def task_owner(self, task_id: str) -> tuple[str, str] | None:
+        """``(participant_id, job_id)`` of a task, without reading its request frame."""
+        with self.store.begin() as conn:
+            row = conn.execute(
+                select(tasks.c.participant_id, tasks.c.job_id).where(tasks.c.task_id == task_id)
+            ).first()
+        return None if row is None else (row.participant_id, row.job_id)
+
     def jobs_with_status(self, *statuses: str) -> list[str]:
         with self.store.begin() as conn:
             rows = conn.execute(
@@ -273,7 +336,7 @@ class CoordinatorState:
 
     def round_committed(self, job_id: str, record: dict[str, Any]) -> None:
         """Append one round (aggregates and participant names only) to the job's history."""
-        with self.store.writer() as conn:
+        with self._writing(), self.store.writer() as conn:
             row = conn.execute(select(jobs.c.history).where(jobs.c.job_id == job_id)).first()
             history = json.loads(row.history) if row else []
             history.append(record)
@@ -301,7 +364,12 @@ class CoordinatorState:
             error=json.dumps(error) if error is not None else None,
             finished_at=self.clock(),
         )
-        with self.store.begin() as conn:
+        with self._writing(), self.store.begin() as conn:
+            expired = conn.execute(
+                select(tasks.c.task_id).where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
+            ).scalars()
+            for task_id in expired:
+                self._frames.pop(task_id, None)
             conn.execute(
                 update(tasks)
                 .where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
@@ -310,7 +378,7 @@ class CoordinatorState:
         self._notify()
 
     def _update_job(self, job_id: str, **values: Any) -> None:
-        with self.store.begin() as conn:
+        with self._writing(), self.store.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(**values))
         self._notify()
 
@@ -382,9 +450,10 @@ class CoordinatorState:
             }
             for r in records
         ]
-        with self.store.begin() as conn:
+        with self._writing(), self.store.begin() as conn:
             conn.execute(insert(tasks), rows)
-        self._notify()
+        self._frames.update((r.task_id, r.request) for r in records)
+        self._notify(*sorted({f"tasks:{r.participant_id}" for r in records}))
         return records
 
     def task(self, task_id: str) -> TaskRecord | None:
@@ -393,7 +462,7 @@ class CoordinatorState:
         return None if row is None else self._task(row)
 
     @staticmethod
-    def _task(row: Any) -> TaskRecord:
+    def _task(row: Any, request: bytes | None = None) -> TaskRecord:
         return TaskRecord(
             task_id=row.task_id,
             job_id=row.job_id,
@@ -402,7 +471,7 @@ class CoordinatorState:
             stage=row.stage,
             round=row.round,
             attempt=row.attempt,
-            request=bytes(row.request),
+            request=bytes(row.request) if request is None else request,
             status=row.status,
             deadline_at=_from_db(row.deadline_at),  # type: ignore[arg-type]
             deliveries=row.deliveries,
@@ -411,8 +480,10 @@ class CoordinatorState:
     def _next_task(self, participant_id: str) -> TaskRecord | None:
         now = self.clock()
         with self.store.begin() as conn:
-            row = conn.execute(
-                select(tasks)
+            # the task id first, then the row by key: ordering whole rows would copy every
+            # candidate's request frame through SQLite's sorter
+            task_id = conn.execute(
+                select(tasks.c.task_id)
                 .join(jobs, jobs.c.job_id == tasks.c.job_id)
                 .where(
                     tasks.c.participant_id == participant_id,
@@ -422,22 +493,39 @@ class CoordinatorState:
                 )
                 .order_by(tasks.c.created_at, tasks.c.seq)
                 .limit(1)
-            ).first()
+            ).scalar()
+            if task_id is None:
+                return None
+            row = conn.execute(select(*_LIGHT_TASK).where(tasks.c.task_id == task_id)).first()
             if row is None:
                 return None
+            # the frame as this process queued it (frames never change), else from the database
+            frame = self._frames.get(task_id)
+            if frame is None:
+                frame = bytes(
+                    conn.execute(
+                        select(tasks.c.request).where(tasks.c.task_id == task_id)
+                    ).scalar_one()
+                )
+        # A transaction of its own: upgrading the read above to a write would fail at once on
+        # SQLite ("database is locked", no busy wait) whenever another poll wrote in between.
+        # Delivery is at-least-once, so the count needs no atomicity with the read.
+        with self._writing(), self.store.begin() as conn:
             conn.execute(
                 update(tasks)
                 .where(tasks.c.task_id == row.task_id)
                 .values(deliveries=tasks.c.deliveries + 1, last_delivered_at=now)
             )
-        return self._task(row)
+        return self._task(row, frame)
 
     def next_task(
         self, participant_id: str, *, wait: float = 0.0, stop: threading.Event | None = None
     ) -> TaskRecord | None:
         """The oldest unanswered, unexpired task of a running job for ``participant_id``,
         waiting up to ``wait`` seconds for one to be queued (a long-poll)."""
-        return self._wait_for(lambda: self._next_task(participant_id), wait, stop)
+        return self._wait_for(
+            lambda: self._next_task(participant_id), wait, stop, topics=(f"tasks:{participant_id}",)
+        )
 
     def expire_task(self, task_id: str) -> bool:
         """Give up on an unanswered task (its deadline passed); True when it was still pending."""
@@ -447,7 +535,9 @@ class CoordinatorState:
         """Give up on unanswered tasks in one transaction; how many were still pending."""
         if not task_ids:
             return 0
-        with self.store.begin() as conn:
+        for task_id in task_ids:
+            self._frames.pop(task_id, None)
+        with self._writing(), self.store.begin() as conn:
             return conn.execute(
                 update(tasks)
                 .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status == PENDING)
@@ -464,8 +554,17 @@ class CoordinatorState:
         task, or a reply after the task expired, a :class:`ConflictError`."""
         digest = hashlib.sha256(reply).hexdigest()
         now = self.clock()
-        with self.store.writer() as conn:
-            task = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
+        with self._writing(), self.store.writer() as conn:
+            task = conn.execute(
+                select(
+                    tasks.c.participant_id,
+                    tasks.c.job_id,
+                    tasks.c.attempt,
+                    tasks.c.status,
+                    tasks.c.created_at,
+                    tasks.c.deadline_at,
+                ).where(tasks.c.task_id == task_id)
+            ).first()
             if task is None or task.participant_id != participant_id:
                 raise ForbiddenError(
                     "this task is not assigned to this participant",
@@ -473,7 +572,14 @@ class CoordinatorState:
                     field="task_id",
                     fix="submit results only for tasks this participant received",
                 )
-            stored = conn.execute(select(results).where(results.c.task_id == task_id)).first()
+            stored = conn.execute(
+                select(
+                    results.c.job_id,
+                    results.c.attempt,
+                    results.c.reply_sha256,
+                    results.c.received_at,
+                ).where(results.c.task_id == task_id)
+            ).first()
             if stored is not None:
                 if stored.reply_sha256 != digest:
                     raise ConflictError(
@@ -520,7 +626,8 @@ class CoordinatorState:
                 .values(status=DONE)
             )
             conn.commit()
-        self._notify()
+        self._frames.pop(task_id, None)
+        self._notify(f"result:{task_id}")
         return Acknowledgement(task_id, task.job_id, participant_id, task.attempt, now)
 
     def _result(self, task_id: str) -> bytes | None:
@@ -532,7 +639,7 @@ class CoordinatorState:
         self, task_id: str, timeout: float, *, stop: threading.Event | None = None
     ) -> bytes | None:
         """The reply frame to ``task_id``, waiting up to ``timeout`` seconds; None if none came."""
-        return self._wait_for(lambda: self._result(task_id), timeout, stop)
+        return self._wait_for(lambda: self._result(task_id), timeout, stop, (f"result:{task_id}",))
 
     def wait_results(
         self, task_ids: Sequence[str], timeout: float, *, stop: threading.Event | None = None
@@ -555,5 +662,5 @@ class CoordinatorState:
                     missing.discard(row.task_id)
             return not missing
 
-        self._wait_for(probe, timeout, stop)
+        self._wait_for(probe, timeout, stop, tuple(f"result:{t}" for t in task_ids))
         return found
