@@ -69,6 +69,22 @@ class Strategy(ABC):
         """Round metrics: each numeric metric averaged over parties, weighted by examples."""
         return weighted_metrics((r.num_examples, r.metrics) for r in results.values())
 
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state between rounds (server momentum, adaptive moments...), as numpy
+        arrays and JSON scalars only, so a coordinator can checkpoint it after each committed
+        round without pickling. Stateless strategies return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (crash-resume). Stateless: nothing to do."""
+        if state:
+            raise ConfigError(
+                f"{type(self).__name__} keeps no state between rounds",
+                field="strategy_state",
+                value=sorted(state),
+                fix="resume with the strategy that wrote the checkpoint",
+            )
+
 
 class FedAvg(Strategy):
     """Federated averaging: the new model is the average of the parties' locally trained models,
