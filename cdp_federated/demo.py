@@ -28,6 +28,7 @@ import polars as pl
 from .connector import ConnectorConfig, ConnectorRegistry
 from .consent.active import activate_policy
 from .consent.ledger import allowed_ids
+from .coordinator.gbm_runner import run_horizontal_gbm
 from .coordinator.runner import run_horizontal
 from .demo_data import generate_scenario
 from .errors import ConfigError
@@ -42,9 +43,10 @@ from .participant.agent import ParticipantAgent
 from .participant.governance import LocalGovernance, decision_context
 from .participant.pipeline import Funnel, check_policy, load_consented, split_train_test
 from .plugins import make_plugin_manager
-from .registry import save_model
+from .registry import job_spec_hash, save_model
 from .results import make_result
 from .settings import normalize_db_url
+from .simulate import centralized_score
 from .store import TCF_VENDORS_META, Store, open_store
 
 __all__ = ["run_demo", "DEMO_QUERY", "LABEL"]
@@ -163,6 +165,92 @@ def _centralized_auc(parties: dict[str, _Party], features: list[str], c: float) 
     return float(roc_auc_score(test[LABEL].to_numpy(), scores))
 
 
+GBM_TREES = 40
+GBM_PARAMS = {"max_depth": 4, "learning_rate": 0.1, "max_bins": 32, "lambda": 1.0}
+
+
+def _run_gbm(
+    job: JobSpec,
+    parties: dict[str, _Party],
+    transport: InProcessTransport,
+    lineage: dict[str, Any],
+    models_dir: Path,
+    *,
+    pm: pluggy.PluginManager,
+    gbm_trees: int,
+    step: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """The same participants train a histogram GBM on the same consented rows; each decides
+    under its own policy first, as for the first job. ``gbm_trees=0`` skips it."""
+    if gbm_trees <= 0:
+        return None
+    started = time.perf_counter()
+    gbm_job = JobSpec.from_dict(
+        job.to_dict()
+        | {
+            "job_id": f"{job.job_id}-gbm",
+            "model": "gbm",
+            "rounds": gbm_trees,
+            "params": {"test_fraction": job.params.get("test_fraction", 0.2), **GBM_PARAMS},
+        }
+    )
+    for party in parties.values():
+        party.governance.decide(gbm_job, stage="before_read")
+        party.governance.decide(
+            gbm_job, stage="after_consent", rows_available=party.funnel.consented
+        )
+        party.governance.job_started(gbm_job)
+    step(f"training: histogram GBM, {gbm_trees} trees across {len(parties)} participants")
+    participants = sorted(parties)
+
+    def on_tree(record) -> None:
+        metrics = {"tree": record.tree, "leaves": record.leaves, "participants": participants}
+        for party in parties.values():
+            party.governance.round_committed(gbm_job, metrics, party.train.height)
+
+    result = run_horizontal_gbm(gbm_job, transport, pm=pm, on_round=on_tree)
+    train = pl.concat([p.train for p in parties.values()])
+    test = pl.concat([p.test for p in parties.values()])
+    centralized = centralized_score(
+        "gbm", "binary", train, test, list(job.features), LABEL, gbm_job.params, gbm_trees
+    )
+    gbm_lineage = lineage | {
+        "job_id": gbm_job.job_id,
+        "params": dict(gbm_job.params) | {"trees": gbm_trees},
+        "rounds": result.rounds,
+        "job_spec_hash": job_spec_hash(gbm_job),
+        "metrics": {
+            "auc": round(result.test.auc, 4),
+            "logloss": round(result.test.logloss, 4),
+            "accuracy": round(result.test.accuracy, 4),
+        },
+    }
+    gbm_lineage.pop("calibration", None)  # measured for the logistic model only
+    model_id, model_path = save_model(
+        models_dir,
+        kind="gbm",
+        model=result.estimator,
+        lineage=gbm_lineage,
+        stores=[p.store for p in parties.values()],
+        name="demo-purchase-propensity-gbm",
+    )
+    pm.hook.cdp_model_published(
+        job=gbm_job, model_id=model_id, path=str(model_path), lineage=gbm_lineage
+    )
+    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+    for party in parties.values():
+        party.governance.model_published(gbm_job, model_id, digest, str(model_path))
+    return {
+        "auc": round(result.test.auc, 4),
+        "centralized_auc": round(centralized, 4),
+        "logloss": round(result.test.logloss, 4),
+        "trees": result.rounds,
+        "seconds": round(time.perf_counter() - started, 2),
+        "model_id": model_id,
+        "model_path": str(model_path),
+    }
+
+
 def run_demo(
     out_dir: Path,
     *,
@@ -172,6 +260,7 @@ def run_demo(
     pm: pluggy.PluginManager | None = None,
     policy: Path | None = None,
     on_step: Callable[[str], None] | None = None,
+    gbm_trees: int = GBM_TREES,
 ) -> dict[str, Any]:
     """Run the whole scenario under ``out_dir`` (replaced) and return the shared result schema.
 
@@ -265,26 +354,47 @@ def run_demo(
         "consent_evaluated_at": trained_at.isoformat(),
         "features_as_of": scenario.cutoff.isoformat(),
         "params": job.params | {"rounds": rounds},
+        "rounds": result.rounds,
+        "job_spec_hash": job_spec_hash(job),
         "policy": {
             "name": the_policy.name,
             "version": the_policy.version,
             "hash": the_policy.content_hash,
         },
-        "metrics": {"auc": round(result.auc, 4), "logloss": round(result.logloss, 4)},
+        # Every participant ran its own copy of the policy; the registry records each one's hash.
+        "policies": {
+            name: {
+                "name": the_policy.name,
+                "version": the_policy.version,
+                "hash": the_policy.content_hash,
+            }
+            for name in parties
+        },
+        "metrics": {
+            "auc": round(result.auc, 4),
+            "logloss": round(result.logloss, 4),
+            "accuracy": round(result.accuracy, 4),
+            "ece": round(result.evaluations["test"].ece, 4),
+        },
+        "calibration": [row.to_dict() for row in result.evaluations["test"].reliability],
     }
     model_id, model_path = save_model(
         out_dir / "models",
         kind="logreg",
-        model=result.estimator.to_dict(),
+        model=result.estimator,
         lineage=lineage,
         stores=[p.store for p in parties.values()],
+        name="demo-purchase-propensity",
     )
     pm.hook.cdp_model_published(job=job, model_id=model_id, path=str(model_path), lineage=lineage)
     digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
-    audit = {}
-    for name, party in parties.items():
+    for party in parties.values():
         party.governance.model_published(job, model_id, digest, str(model_path))
-        audit[name] = party.governance.close()
+    gbm = _run_gbm(
+        job, parties, transport, lineage, out_dir / "models", pm=pm, gbm_trees=gbm_trees, step=step
+    )
+    audit = {name: party.governance.close() for name, party in parties.items()}
+    for party in parties.values():
         party.store.dispose()
     return make_result(
         command="demo",
@@ -302,6 +412,8 @@ def run_demo(
         databases={name: p.store.display_url for name, p in parties.items()},
         model_path=str(model_path),
         model_id=model_id,
+        card_path=str(Path(model_path).parent / "model_card.md"),
         policy=lineage["policy"],
         audit=audit,
+        gbm=gbm,
     )

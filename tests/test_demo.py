@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from sqlalchemy import select
@@ -16,6 +17,8 @@ from cdp_federated.registry import load_model, load_model_document
 from cdp_federated.store import open_store, schema
 from tests.plugins.every_hook import EveryHook
 
+GBM_TREES = 8
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
@@ -24,7 +27,7 @@ def demo_run(tmp_path_factory):
     fixture = EveryHook()
     pm = make_plugin_manager(load_entrypoints=False, plugins=[*FIRST_PARTY_CONNECTORS, fixture])
     out = tmp_path_factory.mktemp("demo")
-    result = run_demo(out, customers=1500, rounds=30, pm=pm)
+    result = run_demo(out, customers=1500, rounds=30, pm=pm, gbm_trees=GBM_TREES)
     return result, fixture, pm
 
 
@@ -33,6 +36,12 @@ def test_federated_auc_matches_centralized(demo_run):
     assert result["auc"] > 0.65  # the label is learnable
     assert abs(result["auc"] - result["centralized_auc"]) <= 0.01
     assert result["rounds"] == 30
+    gbm = result["gbm"]
+    assert gbm["trees"] == GBM_TREES and gbm["auc"] > 0.65
+    assert abs(gbm["auc"] - gbm["centralized_auc"]) <= 0.01
+    assert load_model(gbm["model_path"]).predict_proba(
+        np.zeros((1, len(load_model(result["model_path"]).feature_names_in_)))
+    ).shape == (1, 2)
 
 
 def test_funnel_accounts_for_every_row(demo_run):
@@ -75,7 +84,8 @@ def test_model_is_published_loadable_and_scores_consented_profiles(demo_run):
     with store.engine.connect() as conn:
         published = conn.execute(select(schema.models.c.model_id, schema.models.c.sha256)).all()
         ids = [r[0] for r in conn.execute(select(schema.profile_features.c.profile_id))]
-    assert published[0][0] == result["model_id"]
+    # both models are recorded; scoring without a model id uses the latest one, the GBM
+    assert [r[0] for r in published] == [result["model_id"], result["gbm"]["model_id"]]
     rule = active_rule(store, "model_training")
     allowed_now = set(
         allowed_ids(store, "model_training", datetime.now(UTC), rule=rule)
@@ -91,7 +101,7 @@ def test_model_is_published_loadable_and_scores_consented_profiles(demo_run):
     assert {p for p, s in scored.items() if s is not None} == allowed_now & set(scored)
     assert any(s is None for s in scored.values()) and any(s is not None for s in scored.values())
     assert all(
-        0.0 <= s["score"] <= 1.0 and s["model_id"] == result["model_id"]
+        0.0 <= s["score"] <= 1.0 and s["model_id"] == result["gbm"]["model_id"]
         for s in scored.values()
         if s
     )
@@ -101,13 +111,14 @@ def test_model_is_published_loadable_and_scores_consented_profiles(demo_run):
 def test_hooks_saw_the_job_lifecycle(demo_run):
     _, fixture, _ = demo_run
     names = fixture.names()
-    assert names.count("cdp_policy_decision") == 3
+    assert names.count("cdp_policy_decision") == 3  # the GBM job reuses the first decision hook
     assert (
         names.index("cdp_job_started")
         < names.index("cdp_round_ended")
         < names.index("cdp_model_published")
     )
-    assert names.count("cdp_round_ended") == 30
+    assert names.count("cdp_round_ended") == 30 + GBM_TREES
+    assert names.count("cdp_model_published") == 2
 
 
 def test_every_participant_audited_its_decisions_funnel_rounds_and_model(demo_run):
@@ -132,9 +143,17 @@ def test_every_participant_audited_its_decisions_funnel_rounds_and_model(demo_ru
             f["consented"],
             f["trained"],
         )
-        assert kinds.count("round_committed") == result["rounds"]
+        assert kinds.count("round_committed") == result["rounds"] + GBM_TREES
+        published = [e.payload["model_id"] for e in entries if e.kind == "model_published"]
+        assert published == [result["model_id"], result["gbm"]["model_id"]]
         assert kinds[-1] == "model_published"
-        assert entries[-1].payload["model_id"] == result["model_id"]
+        # the GBM job was decided under the policy before it read a row
+        gbm_decisions = [
+            e.payload["stage"]
+            for e in entries
+            if e.kind == "policy_decision" and e.payload.get("job_id", "").endswith("-gbm")
+        ]
+        assert gbm_decisions == ["before_read", "after_consent"]
         assert result["audit"][name]["entries"] == len(entries)
         log.store.dispose()
 

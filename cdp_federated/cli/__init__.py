@@ -20,7 +20,19 @@ app = typer.Typer(
 
 def _register() -> None:
     from ..plugins import make_plugin_manager
-    from . import align, audit, consent, consent_ledger, data, demo, identity, policy, runtime  # noqa: F401 - commands register on import
+    from . import (  # noqa: F401 - commands register on import
+        align,
+        audit,
+        consent,
+        consent_ledger,
+        data,
+        demo,
+        identity,
+        models,
+        policy,
+        runtime,
+        simulate,
+    )
 
     try:
         make_plugin_manager().hook.cdp_register_cli_commands(app=app)

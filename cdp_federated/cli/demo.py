@@ -78,11 +78,24 @@ def demo(
     scores.add_column("AUC", justify="right")
     scores.add_row("federated logistic regression (FedAvg)", f"{result['auc']:.4f}")
     scores.add_row("centralized scikit-learn, same rows", f"{result['centralized_auc']:.4f}")
+    if result.get("gbm"):
+        gbm = result["gbm"]
+        scores.add_row(f"federated histogram GBM ({gbm['trees']} trees)", f"{gbm['auc']:.4f}")
+        scores.add_row(
+            "centralized HistGradientBoosting, same rows and parameters",
+            f"{gbm['centralized_auc']:.4f}",
+        )
     console.print(scores)
     console.print(
         f"gap {abs(result['auc'] - result['centralized_auc']):.4f} after {result['rounds']} rounds; "
         f"log loss {result['logloss']:.4f}; {result['seconds']:.1f}s\nmodel: {result['model_path']}"
+        f"\nregistry id: {result['model_id']} (cdp-fl models show {result['model_id']} "
+        f"--registry {out}/models)\nmodel card: {result['card_path']}"
     )
+    if result.get("gbm"):
+        console.print(
+            f"GBM: {result['gbm']['seconds']:.1f}s; registry id {result['gbm']['model_id']}"
+        )
     pol = result["policy"]
     first = next(iter(result["databases"]))
     console.print(

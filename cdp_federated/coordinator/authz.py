@@ -14,9 +14,15 @@ action                 admin      participant                                 ob
 ``poll_tasks``         no         its own, jobs (and rounds) it is in         no
 ``submit_result``      no         its own, jobs (and rounds) it is in         no
 ``read_result``        any        its own, jobs it is in                      no
+``read_relay_keys``    no         jobs it is in                               no
+``relay_send``         no         as itself, jobs it is in                    no
+``relay_receive``      no         its own inbox, jobs it is in                no
+``publish_relay_key``  no         its own                                     no
 =====================  =========  ==========================================  ========
 
-An admin never polls tasks or submits results: it would act as a participant it is not.
+An admin never polls tasks or submits results: it would act as a participant it is not. The
+relay (:mod:`.relay`) is for participants only: its keys and envelopes are the job's
+participants' business.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ __all__ = [
     "POLL_TASKS",
     "SUBMIT_RESULT",
     "READ_RESULT",
+    "READ_RELAY_KEYS",
+    "RELAY_SEND",
+    "RELAY_RECEIVE",
+    "PUBLISH_RELAY_KEY",
     "ACTIONS",
     "Principal",
     "authorize",
@@ -55,16 +65,23 @@ READ_MODEL = "read_model"  # the job's aggregated model
 POLL_TASKS = "poll_tasks"
 SUBMIT_RESULT = "submit_result"
 READ_RESULT = "read_result"  # one participant's submitted result for a job
+READ_RELAY_KEYS = "read_relay_keys"  # the relay public keys of a job's participants
+RELAY_SEND = "relay_send"  # post an envelope as itself (participant_id: the sender)
+RELAY_RECEIVE = "relay_receive"  # read and acknowledge its own relay inbox
+PUBLISH_RELAY_KEY = "publish_relay_key"  # its own relay public key (job "*")
 
 _GLOBAL = frozenset({SUBMIT_JOB, MANAGE_PARTICIPANTS})
 _JOB = frozenset({READ_JOB_STATUS, READ_MODEL})
 _OWN = frozenset({POLL_TASKS, SUBMIT_RESULT, READ_RESULT})  # scoped to a job and a participant
-ACTIONS = _GLOBAL | _JOB | _OWN
+_RELAY_JOB = frozenset({READ_RELAY_KEYS})
+_RELAY_OWN = frozenset({RELAY_SEND, RELAY_RECEIVE, PUBLISH_RELAY_KEY})
+_RELAY = _RELAY_JOB | _RELAY_OWN  # participants only
+ACTIONS = _GLOBAL | _JOB | _OWN | _RELAY
 
 # role -> actions it may ever do (scopes are checked afterwards)
 _ALLOWED: dict[str, frozenset[str]] = {
     ADMIN: _GLOBAL | _JOB | {READ_RESULT},
-    PARTICIPANT: _JOB | _OWN,
+    PARTICIPANT: _JOB | _OWN | _RELAY,
     OBSERVER: frozenset({READ_JOB_STATUS}),
 }
 
@@ -136,7 +153,7 @@ def authorize(
             field="job_id",
             fix="pass the job the request touches to authorize()",
         )
-    if action in _OWN and participant_id is None:
+    if action in _OWN | _RELAY_OWN and participant_id is None:
         raise _deny(
             f"{action} needs a participant",
             "missing_scope",
@@ -145,7 +162,7 @@ def authorize(
         )
     if role != PARTICIPANT:
         return  # admin and observer: not scoped to jobs or participants
-    if action in _OWN and participant_id != claims.sub:
+    if action in _OWN | _RELAY_OWN and participant_id != claims.sub:
         raise _deny(
             "a participant may only touch its own tasks and results",
             "other_participant",

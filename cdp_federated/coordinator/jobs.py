@@ -6,8 +6,13 @@ its history (aggregates and participant names only, never a per-party value); on
 result holds the test metrics (AUC, log loss, accuracy), the per-split evaluations and the model
 (parameters, standardisation); on failure the typed error as ``{error, message, field, fix}``.
 
-Jobs left queued or running by a previous process are marked failed on start ("coordinator
-restarted"); resuming them from their committed rounds is the next milestone.
+Crash-resume: each round's history entry and the job's checkpoint (:mod:`.checkpoint`: global
+parameters, standardisation, preconditioner, strategy state) are written in one transaction. On
+start, :meth:`JobRunner.recover` resumes every job a previous process left queued or running: the
+tasks it left pending expire (a late result for one is a 409), a ``resumes`` entry is recorded,
+and a new thread goes on from the checkpoint's round -- or from the start when the job had none.
+The participants' replies are deterministic, so the final model equals an uninterrupted run's.
+A graceful stop leaves running jobs to be resumed the same way (:class:`.JobInterrupted`).
 """
 
 from __future__ import annotations
@@ -23,15 +28,19 @@ import pluggy
 
 from ..errors import CDPFederatedError, ConfigError
 from ..jobs import JobSpec
+from ..learning.gbm.params import GBMParams
+from .checkpoint import decode_checkpoint, encode_checkpoint
 from .enrolment import EnrolmentRegistry, check_participant_id
-from .queue_transport import QueueTransport
-from .runner import HorizontalParams, HorizontalResult, RoundRecord, run_horizontal
+from .gbm_runner import GBMResult, run_horizontal_gbm
+from .queue_transport import JobInterrupted, QueueTransport
+from .runner import Checkpoint, HorizontalParams, HorizontalResult, RoundRecord, run_horizontal
 from .state import QUEUED, RUNNING, CoordinatorState
 
 __all__ = ["JobOptions", "JobRunner", "job_from_dict", "result_summary"]
 
 log = logging.getLogger(__name__)
 
+SERVICE_MODELS = ("logreg", "linear", "gbm")
 DEFAULT_DEADLINE_SECONDS = 60.0
 MAX_DEADLINE_SECONDS = 24 * 3600.0
 
@@ -112,12 +121,12 @@ def job_from_dict(data: Mapping[str, Any]) -> JobSpec:
             field="job",
             fix="give job_id (optional), kind, model, purpose, features, label, rounds, params",
         ) from None
-    if spec.kind != "horizontal" or spec.model != "logreg":
+    if spec.kind != "horizontal" or spec.model not in SERVICE_MODELS:
         raise ConfigError(
-            "the service runs horizontal logistic regression jobs",
+            "the service runs horizontal logistic regression, linear regression and GBM jobs",
             field="job.kind",
             value={"kind": spec.kind, "model": spec.model},
-            fix="use kind: horizontal, model: logreg",
+            fix="use kind: horizontal and model: " + ", ".join(SERVICE_MODELS),
         )
     if not spec.features or not all(isinstance(f, str) for f in spec.features):
         raise ConfigError("job needs a list of feature names", field="job.features")
@@ -125,7 +134,10 @@ def job_from_dict(data: Mapping[str, Any]) -> JobSpec:
         raise ConfigError("rounds must be a positive integer", field="job.rounds")
     if not isinstance(spec.params, dict):
         raise ConfigError("params must be an object", field="job.params")
-    HorizontalParams.from_job(spec)
+    if spec.model == "gbm":
+        GBMParams.from_mapping(spec.params, n_trees=spec.rounds)
+    else:
+        HorizontalParams.from_job(spec)
     return spec
 
 
@@ -141,26 +153,43 @@ def _round_record(record: RoundRecord) -> dict[str, Any]:
     }
 
 
+def _finite(value: float) -> float | None:
+    return value if value == value else None  # NaN -> null: neither JSON nor PostgreSQL has NaN
+
+
 def result_summary(result: HorizontalResult) -> dict[str, Any]:
-    """What the job row keeps of a finished run: aggregate metrics and the model."""
-    return {
-        "metrics": {
-            "auc": result.auc,
-            "logloss": result.logloss,
-            "accuracy": result.accuracy,
-            "rounds": result.rounds,
-            "evaluations": {
-                split: {
-                    "auc": e.auc,
-                    "logloss": e.logloss,
-                    "accuracy": e.accuracy,
-                    "count": e.count,
-                    "participants": list(e.participants),
-                    "failed": sorted(e.failures),
-                }
-                for split, e in result.evaluations.items()
-            },
+    """What the job row keeps of a finished run: aggregate metrics and the model. Binary jobs
+    report AUC, log loss and accuracy; regression jobs RMSE, MAE (per split) and R^2."""
+    names = (
+        ("rmse", "mae", "r2")
+        if result.objective == "regression"
+        else ("auc", "logloss", "accuracy")
+    )
+    metrics: dict[str, Any] = {
+        **{k: _finite(getattr(result, k)) for k in names if hasattr(result, k)},
+        "rounds": result.rounds,
+        "evaluations": {
+            split: {
+                **{k: _finite(getattr(e, k)) for k in names},
+                # Binary calibration from the same histograms (null for regression).
+                "ece": _finite(getattr(e, "ece", float("nan"))),
+                "count": e.count,
+                "participants": list(e.participants),
+                "failed": sorted(e.failures),
+            }
+            for split, e in result.evaluations.items()
         },
+    }
+    if result.objective != "binary":
+        metrics["objective"] = result.objective
+    if result.excluded:
+        metrics["excluded"] = sorted(result.excluded)
+    if result.best_round is not None:
+        metrics["best_round"] = result.best_round
+    if result.personalisation:
+        metrics["personalisation"] = dict(result.personalisation)
+    return {
+        "metrics": metrics,
         "model": {
             "feature_names": list(result.feature_names),
             "parameters": result.parameters.tolist(),
@@ -169,6 +198,38 @@ def result_summary(result: HorizontalResult) -> dict[str, Any]:
             "estimator": result.estimator.to_dict(),
         },
     }
+
+
+def _tree_record(tree: Any) -> dict[str, Any]:
+    """A boosting round (one tree) as the status shows it: its shape only."""
+    return {"round": tree.tree + 1, "leaves": tree.leaves, "splits": tree.splits}
+
+
+def gbm_summary(result: GBMResult) -> dict[str, Any]:
+    """What the job row keeps of a finished GBM: aggregate metrics and the model as JSON."""
+    names = (
+        ("rmse", "mae")
+        if result.params.objective == "regression"
+        else ("auc", "logloss", "accuracy")
+    )
+    evaluations = {
+        split: {
+            **{k: _finite(getattr(e, k)) for k in names},
+            "count": e.count,
+            "participants": list(e.participants),
+            "failed": sorted(e.failures),
+        }
+        for split, e in result.evaluations.items()
+    }
+    metrics: dict[str, Any] = {
+        **evaluations["test"],
+        "rounds": result.rounds,
+        "objective": result.params.objective,
+        "evaluations": evaluations,
+    }
+    if result.excluded:
+        metrics["excluded"] = sorted(result.excluded)
+    return {"metrics": metrics, "model": {"estimator": result.estimator.to_dict()}}
 
 
 def _error_dict(exc: BaseException) -> dict[str, Any]:
@@ -196,17 +257,38 @@ class JobRunner:
         self._lock = threading.Lock()
 
     def recover(self) -> list[str]:
-        """Mark jobs a previous process left queued or running as failed; returns their ids."""
+        """Resume every job a previous process left queued or running, each in a new thread,
+        from its last checkpoint; returns their ids. A job whose checkpoint cannot be read is
+        marked failed instead."""
         orphans = self.state.jobs_with_status(QUEUED, RUNNING)
         for job_id in orphans:
-            self.state.job_finished(
-                job_id,
-                error={
-                    "error": "TrainingError",
-                    "message": "the coordinator restarted while the job ran",
-                    "fix": "submit the job again",
-                },
-            )
+            try:
+                record = self.state.job(job_id)
+                if record.spec.model == "gbm":
+                    # Trees are not checkpointed yet: the job starts again from its first tree
+                    # (deterministic, so it reaches the same model) with a fresh history.
+                    self.state.job_resumed(job_id, 0)
+                    self.state.reset_history(job_id)
+                    self._start(
+                        record.spec,
+                        list(record.participants),
+                        JobOptions.from_dict(record.options),
+                        started=record.status == RUNNING,
+                    )
+                    continue
+                stored = self.state.checkpoint(job_id)
+                resume = None if stored is None else decode_checkpoint(stored[1])
+                self.state.job_resumed(job_id, 0 if resume is None else resume.round)
+                self._start(
+                    record.spec,
+                    list(record.participants),
+                    JobOptions.from_dict(record.options),
+                    resume=resume,
+                    started=record.status == RUNNING,
+                )
+            except Exception as exc:  # noqa: BLE001 - one unreadable job must not stop the others
+                log.warning("job %s cannot resume: %s", job_id, exc)
+                self.state.job_finished(job_id, error=_error_dict(exc))
         return orphans
 
     def submit(
@@ -230,18 +312,33 @@ class JobRunner:
                     value=opts.min_participants,
                     fix="lower min_participants or add participants",
                 )
+            key = "min_participants" if spec.model == "gbm" else "min_fit_participants"
             spec = JobSpec.from_dict(
-                spec.to_dict()
-                | {"params": spec.params | {"min_fit_participants": opts.min_participants}}
+                spec.to_dict() | {"params": spec.params | {key: opts.min_participants}}
             )
         self.state.create_job(spec, names, opts.to_dict(), submitted_by=submitted_by)
+        self._start(spec, names, opts)
+        return spec.job_id
+
+    def _start(
+        self,
+        spec: JobSpec,
+        participants: list[str],
+        options: JobOptions,
+        *,
+        resume: Checkpoint | None = None,
+        started: bool = False,
+    ) -> None:
         thread = threading.Thread(
-            target=self._run, args=(spec, names, opts), name=f"job-{spec.job_id}", daemon=True
+            target=self._run,
+            args=(spec, participants, options),
+            kwargs={"resume": resume, "started": started},
+            name=f"job-{spec.job_id}",
+            daemon=True,
         )
         with self._lock:
             self._threads[spec.job_id] = thread
         thread.start()
-        return spec.job_id
 
     def _check_participants(self, participants: Sequence[str]) -> list[str]:
         if isinstance(participants, str) or not participants:
@@ -265,10 +362,29 @@ class JobRunner:
                     )
         return names
 
-    def _run(self, spec: JobSpec, participants: list[str], options: JobOptions) -> None:
+    def _run(
+        self,
+        spec: JobSpec,
+        participants: list[str],
+        options: JobOptions,
+        *,
+        resume: Checkpoint | None = None,
+        started: bool = False,
+    ) -> None:
+        """The job's thread: run (or resume) it and record how it ended. A job interrupted by a
+        graceful stop is left running in the database, for the next start to resume."""
         job_id = spec.job_id
+
+        def commit(checkpoint: Checkpoint, record: RoundRecord | None) -> None:
+            state = encode_checkpoint(checkpoint)
+            if record is None:
+                self.state.save_checkpoint(job_id, checkpoint.round, state)
+            else:
+                self.state.round_committed(job_id, _round_record(record), checkpoint=state)
+
         try:
-            self.state.job_started(job_id)
+            if not started:
+                self.state.job_started(job_id)
             transport = QueueTransport(
                 self.state,
                 job_id,
@@ -276,15 +392,23 @@ class JobRunner:
                 options.round_deadline_seconds,
                 stop=self.stop,
             )
-            result = run_horizontal(
-                spec,
-                transport,
-                pm=self.pm,
-                on_round=lambda r: self.state.round_committed(job_id, _round_record(r)),
+            if spec.model == "gbm":
+                gbm = run_horizontal_gbm(
+                    spec,
+                    transport,
+                    pm=self.pm,
+                    on_round=lambda t: self.state.round_committed(job_id, _tree_record(t)),
+                )
+                self.state.job_finished(job_id, result=gbm_summary(gbm))
+            else:
+                result = run_horizontal(
+                    spec, transport, pm=self.pm, resume=resume, on_checkpoint=commit
+                )
+                self.state.job_finished(job_id, result=result_summary(result))
+        except JobInterrupted:
+            log.info(
+                "job %s interrupted by the coordinator stopping; it resumes on restart", job_id
             )
-            if self.stop.is_set():
-                raise ConfigError("the coordinator stopped while the job ran", field="job")
-            self.state.job_finished(job_id, result=result_summary(result))
         except Exception as exc:  # noqa: BLE001 - every failure is recorded in the job row
             log.warning("job %s failed: %s", job_id, exc)
             try:

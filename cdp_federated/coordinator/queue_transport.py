@@ -13,6 +13,12 @@ participant's reply time, and a silent participant costs one ``deadline`` per st
 request. A waiting call wakes the moment a reply is written (a condition variable, no sleep loop)
 and then reads only the replies still missing; see ``docs/runtime.md`` and
 ``benchmarks/runtime_overhead.py`` for figures. ``request`` is a batch of one.
+
+Stopping: when the coordinator shuts down (``stop`` set, or the state closed) before every reply
+came, the call raises :class:`JobInterrupted` instead of reporting dropouts, so no round is
+committed with participants missing only because the coordinator went away; the job stays
+running in the database and resumes on the next start. A resumed job's transport numbers its
+requests after the highest number the job used before, so (job, seq, attempt) stays unique.
 """
 
 from __future__ import annotations
@@ -21,15 +27,20 @@ import threading
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 
-from ..errors import CodecError, TransportError
+from ..errors import CDPFederatedError, CodecError, TransportError
 from ..federation.codec import Codec
 from ..federation.messages import Failure, Message
 from ..federation.transport import Recorder, Transport, stage_of, undelivered
 from .state import CoordinatorState, NewTask
 
-__all__ = ["QueueTransport", "DEADLINE_EXCEEDED"]
+__all__ = ["QueueTransport", "DEADLINE_EXCEEDED", "JobInterrupted"]
 
 DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+class JobInterrupted(CDPFederatedError):
+    """The coordinator is stopping while a request awaits replies: the job is left as the
+    database has it (last committed round) for the next start to resume. Not a job failure."""
 
 
 class QueueTransport(Transport):
@@ -61,7 +72,7 @@ class QueueTransport(Transport):
         self._codec = codec or Codec()
         self._recorder = recorder
         self._stop = stop
-        self._seq = 0
+        self._seq = state.last_task_seq(job_id)  # 0 for a new job; after the old ones if resumed
         self._lock = threading.Lock()
 
     def participants(self) -> list[str]:
@@ -74,6 +85,7 @@ class QueueTransport(Transport):
 
     def request_many(self, requests: Mapping[str, Message]) -> dict[str, Message]:
         """Queue every request (one transaction), then await all replies under one deadline."""
+        self._check_running()
         replies: dict[str, Message] = {}
         frames: dict[str, bytes] = {}
         for participant, message in requests.items():
@@ -105,6 +117,7 @@ class QueueTransport(Transport):
         answers = self.state.wait_results(list(task_ids.values()), seconds, stop=self._stop)
         late = [t for t in task_ids.values() if t not in answers]
         if late:
+            self._check_running()  # a reply missing because the coordinator stops is no dropout
             self.state.expire_tasks(late)
             answers |= self.state.wait_results(late, 0)  # answered just before they expired?
         for participant, message in requests.items():
@@ -114,15 +127,23 @@ class QueueTransport(Transport):
                 )
         return {participant: replies[participant] for participant in requests}
 
+    def _check_running(self) -> None:
+        if (self._stop is not None and self._stop.is_set()) or self.state.closed:
+            raise JobInterrupted(
+                "the coordinator is stopping; the job resumes from its last committed round "
+                "on the next start",
+                field="job_id",
+                value=self.job_id,
+            )
+
     def _reply(self, participant: str, stage: str, reply: bytes | None) -> Message:
         if reply is None:
             seconds = self.deadline.total_seconds()
-            why = "coordinator is stopping" if self._stop and self._stop.is_set() else ""
             return Failure(
                 participant=participant,
                 stage=stage,
                 error_type=DEADLINE_EXCEEDED,
-                message=f"no reply within {seconds:g} s (deadline exceeded){why and '; ' + why}",
+                message=f"no reply within {seconds:g} s (deadline exceeded)",
             )
         if self._recorder is not None:
             self._recorder("reply", participant, reply)

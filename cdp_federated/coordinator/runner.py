@@ -1,4 +1,5 @@
-"""Horizontal federated logistic regression, driven from the coordinator over any transport.
+"""Horizontal federated linear models (logistic and least-squares regression), driven from the
+coordinator over any transport.
 
 1. **Standardise.** Every participant reports the moments of its training rows (count, sums,
    scatter); the coordinator combines them into the global mean, scale and the curvature bound
@@ -11,13 +12,16 @@
 With the defaults (one local step, preconditioned by the global curvature bound, FedAvg weighted by
 sample counts) every round is exactly one monotone majorise-minimise step on scikit-learn's
 centralised objective, so the model converges to the same optimum as ``LogisticRegression(C=C)``
-on the pooled, identically standardised rows, however non-IID the parties are.
+on the pooled, identically standardised rows, however non-IID the parties are. Regression
+(``model="linear"``) standardises the label with federated moments too and, with L2 only,
+lands on the centralised least-squares optimum after one such round. ``job.params`` select the
+strategy, client sampling, early stopping and personalisation (see :mod:`.linear_params`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,22 +43,34 @@ from ..federation.messages import (
     FitIns,
     FitRes,
     Message,
+    PersonalizeIns,
+    PersonalizeRes,
+    RegressionEvaluateRes,
     StatsIns,
     StatsRes,
 )
 from ..federation.transport import Transport, stage_of, undelivered
 from ..jobs import JobSpec
-from ..learning import logreg
+from ..learning import linear
 from ..learning.aggregate import Moments, combine_moments
-from ..learning.estimators import FederatedLogisticRegression
+from ..learning.calibration import ReliabilityBin, expected_calibration_error, reliability_table
+from ..learning.estimators import FederatedLinearRegression, FederatedLogisticRegression
 from ..learning.metrics import accuracy_from_histograms, mean_log_loss, roc_auc_from_histograms
-from ..learning.strategy import FedAvg, Strategy
+from ..learning.rounds import EarlyStopping
+from ..learning.strategy import Strategy
+from .linear_params import (
+    HorizontalParams,
+    label_standardisation,
+    regression_summary,
+    training_preconditioner,
+)
 
 __all__ = [
     "HorizontalParams",
     "RoundRecord",
     "Evaluation",
     "HorizontalResult",
+    "Checkpoint",
     "run_horizontal",
 ]
 
@@ -67,74 +83,27 @@ _TYPED_FAILURES: dict[str, type[CDPFederatedError]] = {
 
 
 @dataclass(frozen=True)
-class HorizontalParams:
-    """``job.params`` of a horizontal logistic regression, validated.
-
-    ``learning_rate`` scales the preconditioned step (1.0 is the curvature-bound step, which never
-    increases the objective); ``local_steps`` > 1 saves rounds on IID data but drifts towards each
-    party's own optimum on non-IID data; ``C`` is scikit-learn's inverse L2 strength;
-    ``min_fit_participants`` defaults to every participant; ``histogram_bins`` must be even so that
-    0.5 is a bin edge for accuracy.
-    """
-
-    learning_rate: float = 1.0
-    local_steps: int = 1
-    C: float = 1.0
-    min_fit_participants: int | None = None
-    histogram_bins: int = 1000
-
-    @classmethod
-    def from_job(cls, job: JobSpec) -> HorizontalParams:
-        p = job.params
-        out = cls(
-            learning_rate=_number(p, "learning_rate", cls.learning_rate),
-            local_steps=int(_number(p, "local_steps", cls.local_steps, integer=True)),
-            C=_number(p, "C", cls.C),
-            min_fit_participants=(
-                None
-                if p.get("min_fit_participants") is None
-                else int(_number(p, "min_fit_participants", 1, integer=True))
-            ),
-            histogram_bins=int(_number(p, "histogram_bins", cls.histogram_bins, integer=True)),
-        )
-        if out.histogram_bins % 2 or out.histogram_bins > 1_000_000:
-            raise ConfigError(
-                "histogram_bins must be even and at most 1,000,000",
-                field="params.histogram_bins",
-                value=out.histogram_bins,
-                fix="use an even number such as 1000",
-            )
-        return out
-
-
-def _number(params: Mapping[str, Any], key: str, default: float, *, integer: bool = False) -> float:
-    value = params.get(key, default)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-    if not ok or value <= 0 or (integer and value != int(value)):
-        raise ConfigError(
-            f"job parameter {key!r} must be a positive {'integer' if integer else 'number'}",
-            field=f"params.{key}",
-            value=value,
-            fix=f"set params.{key} to a positive value or leave it out (default {default})",
-        )
-    return float(value)
-
-
-@dataclass(frozen=True)
 class RoundRecord:
     """One committed round: who contributed, who failed (``"ErrorType: message"``), the total
-    examples and the training log loss of the global model that entered the round."""
+    examples and the training loss of the global model that entered the round (log loss, or half
+    the squared error of the standardised label). ``sampled`` is the round's draw of participants
+    (everyone when the job does not sample); ``val_loss`` the same loss on the validation
+    hold-out (None without one)."""
 
     round: int
     participants: tuple[str, ...]
     failures: Mapping[str, str]
     num_examples: int
     train_loss: float
+    sampled: tuple[str, ...] = ()
+    val_loss: float | None = None
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Metrics of the final model on one split, from histograms summed across ``participants``."""
+    """Metrics of the final model on one split, from histograms (binary) or error sums
+    (regression: ``rmse``, ``mae``, ``r2``; the binary metrics are NaN) summed across
+    ``participants``."""
 
     split: str
     auc: float
@@ -143,12 +112,22 @@ class Evaluation:
     count: int
     participants: tuple[str, ...]
     failures: Mapping[str, str]
+    rmse: float = float("nan")
+    mae: float = float("nan")
+    r2: float = float("nan")
+    # Binary only, from the same histograms (bin centres stand in for scores; see calibration.py).
+    ece: float = float("nan")
+    reliability: tuple[ReliabilityBin, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
 class HorizontalResult:
-    """Outcome of :func:`run_horizontal`. ``auc``/``logloss``/``accuracy`` are the test split's;
-    ``rows_per_party`` maps each participant to ``{"train": n, "test": m}``."""
+    """Outcome of :func:`run_horizontal`. ``auc``/``logloss``/``accuracy`` (binary) and
+    ``rmse``/``r2`` (regression) are the test split's; ``rows_per_party`` maps each participant to
+    ``{"train": n, "test": m}``. ``excluded`` maps participants left out for lack of training rows
+    to the reason; ``best_round`` is the round whose model early stopping kept (None without
+    early stopping); ``personalisation`` maps each participant to the aggregate test metrics of
+    the global and its locally fine-tuned model."""
 
     job_id: str
     parameters: np.ndarray
@@ -161,12 +140,37 @@ class HorizontalResult:
     logloss: float
     accuracy: float
     evaluations: Mapping[str, Evaluation]
-    estimator: FederatedLogisticRegression
+    estimator: FederatedLogisticRegression | FederatedLinearRegression
+    objective: str = "binary"
+    rmse: float = float("nan")
+    r2: float = float("nan")
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    best_round: int | None = None
+    personalisation: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def rounds(self) -> int:
         """Rounds committed."""
         return len(self.history)
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """What a job needs to go on after ``round`` committed rounds (0: standardisation done):
+    the global ``parameters``, the standardisation ``moments`` and ``preconditioner`` (reused, so
+    participants are not asked for their moments again and the maths stays bit-identical), the
+    participants' training row counts, the strategy's :meth:`~Strategy.state_dict`, the rounds
+    committed so far and the runner's own state (early stopping: best model, patience, whether
+    training stopped). :mod:`.checkpoint` stores it without pickle."""
+
+    round: int
+    parameters: np.ndarray
+    moments: Moments
+    preconditioner: np.ndarray
+    train_rows: Mapping[str, int]
+    strategy_state: Mapping[str, Any]
+    history: tuple[RoundRecord, ...] = ()
+    runner_state: Mapping[str, Any] = field(default_factory=dict)  # early stopping's, if any
 
 
 def run_horizontal(
@@ -176,53 +180,115 @@ def run_horizontal(
     strategy: Strategy | None = None,
     pm: pluggy.PluginManager | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    resume: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint, RoundRecord | None], None] | None = None,
 ) -> HorizontalResult:
     """Train ``job`` across ``transport.participants()`` and evaluate it; see the module docstring.
+
+    Crash-resume: ``on_checkpoint(checkpoint, record)`` is called once standardisation is done
+    (``record`` None, round 0) and after each round, before the round's hooks, so a caller can
+    commit the round and its checkpoint together. ``resume`` continues from such a checkpoint:
+    parameters, standardisation, preconditioner and strategy state are restored (the strategy
+    must be the one that wrote it) and training goes on with the next round, then evaluates.
 
     Raises :class:`SchemaMismatchError`, :class:`NoTrainingDataError` or :class:`PolicyViolation`
     when a participant refuses the statistics stage with that error, :class:`TrainingError` when
     a round gets fewer results than ``min_fit_participants``, :class:`ConfigError` for bad params.
     """
-    if job.kind != "horizontal" or job.model != "logreg" or not job.features:
+    if job.kind != "horizontal" or job.model not in linear.MODELS or not job.features:
         raise ConfigError(
-            "run_horizontal trains horizontal logistic regression over at least one feature",
+            "run_horizontal trains horizontal logistic regression or linear regression over at "
+            "least one feature",
             field="job",
             value={"kind": job.kind, "model": job.model, "features": list(job.features)},
-            fix="use kind='horizontal', model='logreg' and list the features",
+            fix="use kind='horizontal', model='logreg' or 'linear', and list the features",
         )
     if job.rounds < 1:
         raise ConfigError("rounds must be at least 1", field="rounds", value=job.rounds)
     params = HorizontalParams.from_job(job)
     participants = transport.participants()
-    min_fit = params.min_fit_participants or len(participants)
-    if not participants or min_fit > len(participants):
+    per_round = params.sample_size(len(participants))  # everyone unless the job samples
+    min_fit = params.min_fit_participants or per_round
+    if not participants or min_fit > per_round:
         raise ConfigError(
-            f"job needs {min_fit} participants, the transport reaches {len(participants)}",
+            f"job needs {min_fit} participants per round, the transport reaches "
+            f"{len(participants)} and each round asks {per_round}",
             field="params.min_fit_participants",
             value=min_fit,
-            fix="add participants or lower params.min_fit_participants",
+            fix="add participants, sample more per round or lower params.min_fit_participants",
         )
     wire_job = job.to_dict()
     d = len(job.features)
 
-    moments, train_rows = _standardisation(transport, participants, wire_job, d)
-    precond = logreg.preconditioner(
-        moments.standardised_covariance(), c=params.C, total_examples=moments.count
-    )
-    task_config = {
+    mu = float(dict(params.strategy_options).get("mu", 0.0))  # FedProx's proximal weight
+    excluded: dict[str, str] = {}
+    label_mean, label_scale = 0.0, 1.0
+    if resume is None:
+        moments, train_rows, replies, excluded = _standardisation(
+            transport, participants, wire_job, d, min_fit
+        )
+        if params.objective == "regression":
+            label_mean, label_scale = label_standardisation(replies)
+        precond = training_preconditioner(moments, params, label_scale=label_scale, mu=mu)
+    else:  # the checkpoint's standardisation: the participants are not asked again
+        moments, train_rows, precond = _resumed_setup(resume, participants, d, job.rounds)
+        if params.objective == "regression":  # kept in the strategy's state (PERSISTED_CONFIG)
+            label_mean = float(resume.strategy_state.get("label_mean", 0.0))
+            label_scale = float(resume.strategy_state.get("label_scale", 1.0))
+    active = [p for p in participants if train_rows.get(p, 0) > 0]
+    task_config: dict[str, Any] = {
         "C": params.C,
         "total_examples": moments.count,
         "learning_rate": params.learning_rate,
         "local_steps": params.local_steps,
     }
-    strategy = strategy or FedAvg(min_fit_participants=min_fit, fit_config=task_config)
+    if params.l1_ratio > 0:  # the server applies the L1 prox after averaging: exact with 1 step
+        task_config.update(l1_ratio=params.l1_ratio, server_prox=True)
+    if params.objective == "regression":
+        task_config.update(label_mean=label_mean, label_scale=label_scale)
+    prox = linear.prox_thresholds(
+        precond,
+        params.learning_rate,
+        linear.penalty(
+            params.C, moments.count, l1_ratio=params.l1_ratio, label_scale=label_scale
+        ).l1,
+        d + 1,
+    )
+    strategy = strategy or params.build_strategy(
+        min_fit_participants=min_fit, fit_config=task_config
+    )
+    stopper = params.early_stopping()
     parameters = strategy.initialize(d)
-    if pm is not None:
-        pm.hook.cdp_job_started(job=job, participants=list(participants))
-
     history: list[RoundRecord] = []
-    for round_number in range(1, job.rounds + 1):
-        instructions = strategy.configure_fit(round_number, parameters, participants)
+    first_round = 1
+    if resume is not None:
+        strategy.load_state_dict(resume.strategy_state)
+        parameters = resume.parameters.copy()
+        history = list(resume.history)
+        stopped = _load_stopper(stopper, resume.runner_state)
+        excluded = dict(resume.runner_state.get("excluded", {}))
+        first_round = job.rounds + 1 if stopped else resume.round + 1
+    else:
+        if on_checkpoint is not None:
+            on_checkpoint(
+                _checkpoint(
+                    0,
+                    parameters,
+                    moments,
+                    precond,
+                    train_rows,
+                    strategy,
+                    history,
+                    runner_state={"excluded": excluded},
+                ),
+                None,
+            )
+        if pm is not None:  # a resumed job started before the restart
+            pm.hook.cdp_job_started(job=job, participants=list(participants))
+
+    for round_number in range(first_round, job.rounds + 1):
+        incoming = parameters
+        instructions = strategy.configure_fit(round_number, parameters, active)
         requests = {
             name: FitIns(
                 job=wire_job,
@@ -237,34 +303,94 @@ def run_horizontal(
         }
         results, failures = _collect_fits(transport, requests, parameters.shape)
         parameters = strategy.aggregate_fit(round_number, results, failures)
+        if params.l1_ratio > 0:
+            parameters = linear.soft_threshold(parameters, prox)
         record = RoundRecord(
             round=round_number,
             participants=tuple(sorted(results)),
             failures={n: f"{f.error_type}: {f.message}" for n, f in sorted(failures.items())},
             num_examples=sum(r.num_examples for r in results.values()),
             train_loss=float(strategy.aggregate_fit_metrics(results).get("loss", float("nan"))),
+            sampled=tuple(sorted(instructions)),
+            val_loss=_validation_loss(results),
         )
         history.append(record)
+        # Early stopping judges the model that entered this round (after round_number - 1).
+        stop = stopper is not None and stopper.update(
+            round_number - 1, _or_nan(record.val_loss), incoming
+        )
+        if on_checkpoint is not None:
+            on_checkpoint(
+                _checkpoint(
+                    round_number,
+                    parameters,
+                    moments,
+                    precond,
+                    train_rows,
+                    strategy,
+                    history,
+                    runner_state={"excluded": excluded, **_stopper_state(stopper, stop)},
+                ),
+                record,
+            )
         if pm is not None:
             pm.hook.cdp_round_ended(
                 job=job, round_number=round_number, metrics=_hook_metrics(record)
             )
         if on_round is not None:
             on_round(record)
+        if stop:
+            break
+
+    def label_units(theta: np.ndarray) -> np.ndarray:
+        if params.objective == "binary":
+            return theta
+        return linear.to_label_units(theta, label_mean, label_scale)
+
+    def evaluate(split: str, theta: np.ndarray) -> tuple[Evaluation, dict[str, int]]:
+        return _evaluate(
+            transport, active, wire_job, split, label_units(theta), moments, params.histogram_bins
+        )
 
     evaluations = {}
+    best_round = None
+    if stopper is not None:  # the last model is judged too; keep the best one seen
+        evaluations["validation"], _ = evaluate("validation", parameters)
+        last = evaluations["validation"]
+        last_loss = (
+            last.logloss if params.objective == "binary" else 0.5 * (last.rmse / label_scale) ** 2
+        )
+        stopper.update(len(history), last_loss, parameters)
+        if stopper.best_parameters is not None:
+            parameters, best_round = stopper.best_parameters, stopper.best_round
+            if best_round != len(history):
+                evaluations["validation"], _ = evaluate("validation", parameters)
     counts: dict[str, dict[str, int]] = {}
     for split in ("test", "train"):
-        evaluations[split], counts[split] = _evaluate(
-            transport, participants, wire_job, split, parameters, moments, params.histogram_bins
-        )
-    estimator = FederatedLogisticRegression.from_parameters(
-        parameters,
-        mean=moments.mean,
-        scale=moments.scale,
-        feature_names=job.features,
-        C=params.C,
+        evaluations[split], counts[split] = evaluate(split, parameters)
+    personalisation = (
+        _personalise(transport, active, wire_job, parameters, moments, precond, task_config, params)
+        if params.personalize_steps
+        else {}
     )
+    exported = label_units(parameters)
+    if params.objective == "regression":
+        estimator = FederatedLinearRegression.from_parameters(
+            exported,
+            mean=moments.mean,
+            scale=moments.scale,
+            feature_names=job.features,
+            C=params.C,
+            l1_ratio=params.l1_ratio,
+        )
+    else:
+        estimator = FederatedLogisticRegression.from_parameters(
+            exported,
+            mean=moments.mean,
+            scale=moments.scale,
+            feature_names=job.features,
+            C=params.C,
+        )
     test = evaluations["test"]
     return HorizontalResult(
         job_id=job.job_id,
@@ -281,6 +407,12 @@ def run_horizontal(
         accuracy=test.accuracy,
         evaluations=evaluations,
         estimator=estimator,
+        objective=params.objective,
+        rmse=test.rmse,
+        r2=test.r2,
+        excluded=excluded,
+        best_round=best_round,
+        personalisation=personalisation,
     )
 
 
@@ -288,14 +420,26 @@ def run_horizontal(
 
 
 def _standardisation(
-    transport: Transport, participants: list[str], wire_job: dict[str, Any], d: int
-) -> tuple[Moments, dict[str, int]]:
-    """Every participant must report its moments: standardisation needs all of them."""
+    transport: Transport,
+    participants: list[str],
+    wire_job: dict[str, Any],
+    d: int,
+    min_fit: int,
+) -> tuple[Moments, dict[str, int], list[StatsRes], dict[str, str]]:
+    """Every participant must report its moments: standardisation needs all of them. One
+    without training rows (none consented, an empty source) is excluded from the job instead,
+    with its reason, as long as ``min_fit`` participants remain; any other failure stops the job.
+    Returns the moments, training rows per participant (0 when excluded), the replies and the
+    exclusions."""
     request = StatsIns(job=wire_job, split="train")
     answers = _ask_all(transport, dict.fromkeys(participants, request))
     replies: dict[str, StatsRes] = {}
+    empty: dict[str, Failure] = {}
     for name in participants:
         reply = answers[name]
+        if isinstance(reply, Failure) and reply.error_type == "NoTrainingDataError":
+            empty[name] = reply
+            continue
         if (
             not isinstance(reply, StatsRes)
             or reply.sums.shape != (d,)
@@ -304,12 +448,92 @@ def _standardisation(
         ):
             _raise_failure(_as_failure(name, request, reply, f"moments of {d} features"))
         replies[name] = reply
+    if empty and len(replies) < min_fit:
+        _raise_failure(next(iter(empty.values())))
     moments = combine_moments(
         [r.count for r in replies.values()],
         [r.sums for r in replies.values()],
         [r.scatter for r in replies.values()],
     )
-    return moments, {name: r.count for name, r in replies.items()}
+    rows = {name: replies[name].count if name in replies else 0 for name in participants}
+    excluded = {
+        name: f"excluded: no training rows ({failure.message})" for name, failure in empty.items()
+    }
+    return moments, rows, list(replies.values()), excluded
+
+
+def _resumed_setup(
+    resume: Checkpoint, participants: list[str], d: int, rounds: int
+) -> tuple[Moments, dict[str, int], np.ndarray]:
+    """The checkpoint's standardisation, once it is checked to belong to this job."""
+    problem = None
+    if sorted(resume.train_rows) != sorted(participants):
+        problem = "it was written for other participants"
+    elif resume.parameters.shape != (d + 1,) or resume.moments.mean.shape != (d,):
+        problem = f"it holds a model of another size (job: {d} features)"
+    elif not 0 <= resume.round <= rounds or len(resume.history) != resume.round:
+        problem = f"its round {resume.round} does not fit a {rounds}-round job"
+    if problem:
+        raise ConfigError(
+            f"cannot resume from this checkpoint: {problem}",
+            field="checkpoint",
+            value=resume.round,
+            fix="resume a job only from its own checkpoint",
+        )
+    return resume.moments, dict(resume.train_rows), resume.preconditioner
+
+
+def _checkpoint(
+    round_number: int,
+    parameters: np.ndarray,
+    moments: Moments,
+    precond: np.ndarray,
+    train_rows: Mapping[str, int],
+    strategy: Strategy,
+    history: list[RoundRecord],
+    *,
+    runner_state: Mapping[str, Any] | None = None,
+) -> Checkpoint:
+    state = {
+        k: v.copy() if isinstance(v, np.ndarray) else v for k, v in strategy.state_dict().items()
+    }
+    return Checkpoint(
+        round_number,
+        parameters.copy(),
+        moments,
+        precond,
+        dict(train_rows),
+        state,
+        tuple(history),
+        dict(runner_state or {}),
+    )
+
+
+def _stopper_state(stopper: EarlyStopping | None, stopped: bool) -> dict[str, Any]:
+    """Early stopping's state after a round (nothing without early stopping)."""
+    if stopper is None:
+        return {}
+    state: dict[str, Any] = {
+        "stopped": bool(stopped),
+        "best_loss": float(stopper.best_loss),
+        "best_round": int(stopper.best_round),
+        "waited": int(stopper.waited),
+    }
+    if stopper.best_parameters is not None:
+        state["best_parameters"] = stopper.best_parameters.copy()
+    return state
+
+
+def _load_stopper(stopper: EarlyStopping | None, state: Mapping[str, Any]) -> bool:
+    """Restore early stopping from a checkpoint; whether training had stopped already."""
+    if stopper is None or "stopped" not in state:
+        return False
+    stopper.best_loss = float(state["best_loss"])
+    stopper.best_round = int(state["best_round"])
+    stopper.waited = int(state["waited"])
+    best = state.get("best_parameters")
+    stopper.best_parameters = None if best is None else np.array(best, dtype=np.float64)
+    return bool(state["stopped"])
 
 
 def _collect_fits(
@@ -360,12 +584,16 @@ def _evaluate(
         bins=bins,
     )
     answers = _ask_all(transport, dict.fromkeys(participants, request))
+    regression: dict[str, RegressionEvaluateRes] = {}
     for name in participants:
         reply = answers[name]
         if _valid_histograms(reply, bins):
             positives += reply.positives.astype(np.int64)
             negatives += reply.negatives.astype(np.int64)
             log_loss_sum += reply.log_loss_sum
+            counts[name] = reply.count
+        elif _valid_regression_sums(reply):
+            regression[name] = reply
             counts[name] = reply.count
         else:
             failure = _as_failure(name, request, reply, f"{bins}-bin histograms")
@@ -378,6 +606,21 @@ def _evaluate(
             fix="check the participants' errors above",
         )
     total = sum(counts.values())
+    if regression:
+        if len(regression) != len(counts):
+            raise TrainingError(
+                f"participants answered the {split} split with different kinds of metrics",
+                field="split",
+                value=split,
+                fix="every participant must run the same release",
+            )
+        nan = float("nan")
+        summary = regression_summary(list(regression.values()))
+        evaluation = Evaluation(
+            split, nan, nan, nan, total, tuple(sorted(counts)), failures, **summary
+        )
+        return evaluation, counts
+    table = reliability_table(positives, negatives)
     evaluation = Evaluation(
         split=split,
         auc=roc_auc_from_histograms(positives, negatives),
@@ -386,6 +629,8 @@ def _evaluate(
         count=total,
         participants=tuple(sorted(counts)),
         failures=failures,
+        ece=expected_calibration_error(table),
+        reliability=tuple(table),
     )
     return evaluation, counts
 
@@ -398,6 +643,63 @@ def _valid_histograms(reply: Message, bins: int) -> bool:
         and (reply.negatives >= 0).all()
         and int(reply.positives.sum() + reply.negatives.sum()) == reply.count
     )
+
+
+def _valid_regression_sums(reply: Message) -> bool:
+    return (
+        isinstance(reply, RegressionEvaluateRes)
+        and reply.count >= 0
+        and reply.squared_error_sum >= 0
+        and reply.absolute_error_sum >= 0
+        and reply.label_scatter >= 0
+    )
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _validation_loss(results: Mapping[str, FitRes]) -> float | None:
+    """Mean loss of the round's incoming model on the pooled validation hold-outs (None if none:
+    a record must compare equal to itself after a checkpoint round trip, which NaN does not)."""
+    total = sum(float(r.metrics.get("val_loss_sum", 0.0)) for r in results.values())
+    count = sum(int(r.metrics.get("val_count", 0)) for r in results.values())
+    return total / count if count > 0 else None
+
+
+def _personalise(
+    transport: Transport,
+    participants: list[str],
+    wire_job: dict[str, Any],
+    parameters: np.ndarray,
+    moments: Moments,
+    precond: np.ndarray,
+    task_config: Mapping[str, Any],
+    params: HorizontalParams,
+) -> dict[str, dict[str, Any]]:
+    """Each participant fine-tunes the final model on its own rows and reports the aggregate test
+    metrics of both models; the fine-tuned parameters stay with it. A participant that cannot is
+    reported with its error instead: personalisation is optional, the job stands."""
+    config = {k: v for k, v in task_config.items() if k != "server_prox"}  # the prox is local
+    request = PersonalizeIns(
+        job=wire_job,
+        parameters=parameters,
+        mean=moments.mean,
+        scale=moments.scale,
+        config=config,
+        steps=params.personalize_steps,
+        preconditioner=precond,
+    )
+    answers = _ask_all(transport, dict.fromkeys(participants, request))
+    out: dict[str, dict[str, Any]] = {}
+    for name in participants:
+        reply = answers[name]
+        if isinstance(reply, PersonalizeRes):
+            out[name] = {"count": reply.count, **reply.metrics}
+        else:
+            failure = _as_failure(name, request, reply, "personalisation metrics")
+            out[name] = {"error": f"{failure.error_type}: {failure.message}"}
+    return out
 
 
 # --- replies -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ always bind UTC values).
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Float,
@@ -39,6 +40,10 @@ __all__ = [
     "jobs",
     "tasks",
     "results",
+    "checkpoints",
+    "job_resumes",
+    "relay_keys",
+    "relay_envelopes",
     "create_coordinator_schema",
     "open_coordinator_store",
 ]
@@ -147,6 +152,70 @@ results = Table(
     Column("reply_sha256", String(64), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("seconds", Float, nullable=False),
+)
+
+
+# A job's latest round checkpoint (coordinator.checkpoint: global parameters, standardisation,
+# preconditioner, strategy state, history; numpy .npy buffers and JSON, never pickle), written in
+# the same transaction as the round's history entry. ``round`` 0: standardisation done, no round yet.
+checkpoints = Table(
+    "coord_checkpoints",
+    metadata,
+    Column("job_id", String(128), primary_key=True),
+    Column("round", Integer, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    Column("written_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row each time a restarted coordinator resumed a job (status shows them; no per-party value).
+job_resumes = Table(
+    "coord_job_resumes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(128), nullable=False, index=True),
+    Column("from_round", Integer, nullable=False),
+    Column("resumed_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# --- the relay (coordinator.relay) ---------------------------------------------------------------
+
+# Participants' X25519 relay public keys (raw, hex). Every key ever published keeps its row:
+# ``version`` counts a participant's keys, ``replaced_at`` is set when a newer one replaced it.
+relay_keys = Table(
+    "coord_relay_keys",
+    metadata,
+    Column("participant_id", String(128), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("public_key", String(64), nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+    Column("replaced_at", DateTime(timezone=True)),
+)
+
+# Sealed envelopes between participants of a job: the routing header the coordinator can read,
+# the frame's SHA-256 and size, and the frame itself until the recipient acknowledges it (then
+# ``body`` is NULL: the header row stays so that a replayed seq is still refused). Every row of
+# a job is deleted when the job finishes.
+relay_envelopes = Table(
+    "coord_relay_envelopes",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("job_id", String(128), nullable=False),
+    Column("sender", String(128), nullable=False),
+    Column("recipient", String(128), nullable=False),
+    Column("session", String(256), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("body_sha256", String(64), nullable=False),
+    Column("body", LargeBinary),
+    Column("posted_at", DateTime(timezone=True), nullable=False),
+    Column("acked_at", DateTime(timezone=True)),
+    UniqueConstraint(
+        "job_id", "sender", "recipient", "session", "seq", name="uq_coord_relay_stream_seq"
+    ),
+    Index("ix_coord_relay_inbox", "job_id", "recipient", "acked_at", "id"),
 )
 
 

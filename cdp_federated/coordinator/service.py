@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
     AuthError,
@@ -38,6 +39,7 @@ from ..errors import (
     CodecError,
     ConfigError,
     ForbiddenError,
+    NotFoundError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
@@ -48,6 +50,8 @@ from .auth import DEFAULT_TTL, MAX_TTL, Claims, KeyRing, TokenVerifier, issue_to
 from .authz import POLL_TASKS, READ_JOB_STATUS, READ_MODEL, SUBMIT_JOB, SUBMIT_RESULT, authorize
 from .enrolment import EnrolmentRegistry, StoreReplayCache
 from .jobs import JobRunner
+from .relay import relay_body_limit, relay_router
+from .replies import check_reply
 from .schema import open_coordinator_store
 from .state import SUCCEEDED, ConflictError, CoordinatorState
 
@@ -139,9 +143,9 @@ class Coordinator:
         )
         state = CoordinatorState(store, clock=clock, recheck=config.recheck_seconds)
         runner = JobRunner(state, registry=registry, pm=pm)
-        orphans = runner.recover()
-        if orphans:
-            log.warning("marked %d job(s) of a previous run as failed: %s", len(orphans), orphans)
+        resumed = runner.recover()  # before serving: no task of the old process is handed out
+        if resumed:
+            log.warning("resuming %d job(s) of a previous run: %s", len(resumed), resumed)
         return cls(
             config,
             store,
@@ -214,6 +218,16 @@ class JobCreated(BaseModel):
     status: str
 
 
+class ErrorBody(BaseModel):
+    """Every refusal (4xx): the typed error's name, a message, and the field, value and fix."""
+
+    error: str
+    message: str
+    field: str | None = None
+    value: str | None = None
+    fix: str | None = None
+
+
 # --- body limits -----------------------------------------------------------------------------------
 
 
@@ -234,6 +248,7 @@ class _BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.frame_limit if scope["path"].endswith("/result") else JSON_BODY_LIMIT
+        limit = relay_body_limit(scope["path"], self.frame_limit) or limit  # an envelope
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > limit:
@@ -314,6 +329,8 @@ def create_app(
         version="1",
         summary="Drives federated jobs; participants poll for tasks and post results.",
         lifespan=lifespan,
+        # documents our error body for every 4xx (FastAPI would publish its own 422 shape)
+        responses={"4XX": {"model": ErrorBody, "description": "refused: see error and fix"}},
     )
     app.state.coordinator = coord
     app.add_middleware(_BodyLimit, frame_limit=settings.max_frame_bytes)
@@ -341,12 +358,24 @@ def create_app(
             log.error("request failed: %s", exc)
         return JSONResponse(_error_body(exc), status_code=status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (unknown path, wrong method, unparsable body) in our shape."""
+        kind = NotFoundError if exc.status_code == 404 else ConfigError
+        where = {404: "path", 405: "method"}.get(exc.status_code, "body")
+        error = kind(str(exc.detail), field=where, fix="see the API at /openapi.json")
+        return JSONResponse(_error_body(error), status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        detail = first.get("msg", "malformed")
+        if first.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+            where = "body"
+            detail += f" at character {first['loc'][-1]}: {first.get('ctx', {}).get('error', '')}"
         error = ConfigError(
-            f"invalid request: {first.get('msg', 'malformed')}",
+            f"invalid request: {detail}",
             field=where,
             fix="see the request schema at /openapi.json",
         )
@@ -495,6 +524,7 @@ def create_app(
             job_participants=set(coord.state.job_participants(job_id)),
         )
         reply = coord.reply_codec.decode(body)  # CodecError -> 400 with its message
+        check_reply(reply, coord.state.task_request(task_id))  # wrong type or shape: 400 too
         if isinstance(reply, Failure) and reply.participant != participant_id:
             raise CodecError(
                 "a failure must name the participant that sends it",
@@ -530,4 +560,5 @@ def create_app(
         body = await request.body()
         return await run_in_threadpool(_store_result, participant_id, task_id, body, who)
 
+    app.include_router(relay_router(coord))  # peer-to-peer envelopes (coordinator/relay.py)
     return app

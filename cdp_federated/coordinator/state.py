@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConflictError, ForbiddenError, NotFoundError
 from ..jobs import JobSpec
 from ..store import Store
 from .auth import utcnow
-from .schema import jobs, results, tasks
+from .schema import checkpoints, job_resumes, jobs, relay_envelopes, results, tasks
 
 __all__ = [
     "QUEUED",
@@ -82,6 +82,7 @@ class JobRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    resumes: tuple[dict[str, Any], ...] = ()  # {at, from_round} per restart that resumed it
 
     def status_dict(self) -> dict[str, Any]:
         """What ``GET /v1/jobs/{id}`` shows: status, progress, aggregate metrics. No model, no
@@ -101,6 +102,9 @@ class JobRecord:
             out["metrics"] = self.result.get("metrics", {})
         if self.error is not None:
             out["error"] = self.error
+        out["resumed"] = len(self.resumes)
+        if self.resumes:
+            out["resumes"] = list(self.resumes)
         return out
 
 
@@ -241,6 +245,11 @@ class CoordinatorState:
         with self._write_lock:
             yield
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (waits return at once from then on)."""
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Wake every waiter and make further waits return at once (service shutdown)."""
         self._closed.set()
@@ -299,6 +308,19 @@ class CoordinatorState:
             created_at=_from_db(row.created_at),  # type: ignore[arg-type]
             started_at=_from_db(row.started_at),
             finished_at=_from_db(row.finished_at),
+            resumes=self._resumes(job_id),
+        )
+
+    def _resumes(self, job_id: str) -> tuple[dict[str, Any], ...]:
+        with self.store.begin() as conn:
+            rows = conn.execute(
+                select(job_resumes.c.from_round, job_resumes.c.resumed_at)
+                .where(job_resumes.c.job_id == job_id)
+                .order_by(job_resumes.c.id)
+            ).all()
+        return tuple(
+            {"at": _from_db(r.resumed_at).isoformat(), "from_round": r.from_round}  # type: ignore[union-attr]
+            for r in rows
         )
 
     def job(self, job_id: str) -> JobRecord:
@@ -324,6 +346,15 @@ class CoordinatorState:
             ).first()
         return None if row is None else (row.participant_id, row.job_id)
 
+    def task_request(self, task_id: str) -> bytes | None:
+        """A task's request frame: from memory when this process queued it, else the database."""
+        frame = self._frames.get(task_id)
+        if frame is not None:
+            return frame
+        with self.store.begin() as conn:
+            value = conn.execute(select(tasks.c.request).where(tasks.c.task_id == task_id)).scalar()
+        return None if value is None else bytes(value)
+
     def jobs_with_status(self, *statuses: str) -> list[str]:
         with self.store.begin() as conn:
             rows = conn.execute(
@@ -334,19 +365,95 @@ class CoordinatorState:
     def job_started(self, job_id: str) -> None:
         self._update_job(job_id, status=RUNNING, started_at=self.clock())
 
-    def round_committed(self, job_id: str, record: dict[str, Any]) -> None:
-        """Append one round (aggregates and participant names only) to the job's history."""
+    def round_committed(
+        self, job_id: str, record: dict[str, Any], *, checkpoint: bytes | None = None
+    ) -> None:
+        """Append one round (aggregates and participant names only) to the job's history and,
+        in the same transaction, replace the job's ``checkpoint`` (crash-resume) when given. A
+        record whose ``round`` is not the next one is a :class:`ConflictError`: a round is
+        committed once, so history and checkpoint never disagree."""
         with self._writing(), self.store.writer() as conn:
             row = conn.execute(select(jobs.c.history).where(jobs.c.job_id == job_id)).first()
             history = json.loads(row.history) if row else []
+            number = record.get("round")
+            if isinstance(number, int) and number != len(history) + 1:
+                raise ConflictError(
+                    f"round {number} is not the next round of the job ({len(history) + 1})",
+                    field="round",
+                    value=number,
+                    fix="commit each round once, in order",
+                )
             history.append(record)
             conn.execute(
                 update(jobs)
                 .where(jobs.c.job_id == job_id)
                 .values(history=json.dumps(history), rounds_done=len(history))
             )
+            if checkpoint is not None:
+                self._put_checkpoint(conn, job_id, len(history), checkpoint)
             conn.commit()
         self._notify()
+
+    def reset_history(self, job_id: str) -> None:
+        """Forget a job's committed rounds and checkpoint: it starts again from its first round
+        (jobs whose model kind has no checkpoint yet)."""
+        with self._writing(), self.store.begin() as conn:
+            conn.execute(
+                update(jobs).where(jobs.c.job_id == job_id).values(history="[]", rounds_done=0)
+            )
+            conn.execute(checkpoints.delete().where(checkpoints.c.job_id == job_id))
+        self._notify()
+
+    def save_checkpoint(self, job_id: str, round_number: int, state: bytes) -> None:
+        """Replace the job's checkpoint outside a round commit (round 0: standardisation done)."""
+        with self._writing(), self.store.begin() as conn:
+            self._put_checkpoint(conn, job_id, round_number, state)
+
+    def _put_checkpoint(self, conn: Any, job_id: str, round_number: int, state: bytes) -> None:
+        # one row per job, rewritten each round; only the job's own thread writes it
+        values = {"round": round_number, "state": state, "written_at": self.clock()}
+        changed = conn.execute(
+            update(checkpoints).where(checkpoints.c.job_id == job_id).values(**values)
+        ).rowcount
+        if not changed:
+            conn.execute(insert(checkpoints).values(job_id=job_id, **values))
+
+    def checkpoint(self, job_id: str) -> tuple[int, bytes] | None:
+        """``(round, state)`` of the job's latest checkpoint, or None."""
+        with self.store.begin() as conn:
+            row = conn.execute(
+                select(checkpoints.c.round, checkpoints.c.state).where(
+                    checkpoints.c.job_id == job_id
+                )
+            ).first()
+        return None if row is None else (row.round, bytes(row.state))
+
+    def job_resumed(self, job_id: str, from_round: int) -> int:
+        """Record that a restarted coordinator resumes the job after ``from_round``, and expire the
+        tasks the previous process left pending (a late result for one is then a 409). Returns how
+        many tasks expired."""
+        with self._writing(), self.store.begin() as conn:
+            conn.execute(
+                insert(job_resumes).values(
+                    job_id=job_id, from_round=from_round, resumed_at=self.clock()
+                )
+            )
+            expired = conn.execute(
+                update(tasks)
+                .where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
+                .values(status=EXPIRED)
+            ).rowcount
+        self._notify()
+        return expired
+
+    def last_task_seq(self, job_id: str) -> int:
+        """The highest request number the job used so far (0 for none): a resumed job numbers
+        its new tasks after it, so (job, seq, attempt) stays unique."""
+        with self.store.begin() as conn:
+            value = conn.execute(
+                select(func.max(tasks.c.seq)).where(tasks.c.job_id == job_id)
+            ).scalar()
+        return int(value or 0)
 
     def job_finished(
         self,
@@ -356,7 +463,7 @@ class CoordinatorState:
         error: dict[str, Any] | None = None,
     ) -> None:
         """Mark the job succeeded (with ``result``) or failed (with ``error``); its unanswered
-        tasks expire."""
+        tasks expire and its relay envelopes are deleted."""
         self._update_job(
             job_id,
             status=FAILED if error is not None else SUCCEEDED,
@@ -375,6 +482,7 @@ class CoordinatorState:
                 .where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
                 .values(status=EXPIRED)
             )
+            conn.execute(delete(relay_envelopes).where(relay_envelopes.c.job_id == job_id))
         self._notify()
 
     def _update_job(self, job_id: str, **values: Any) -> None:

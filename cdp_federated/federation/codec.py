@@ -44,6 +44,10 @@ FORMAT_VERSION = 1
 ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "uint8", "uint32", "uint64", "bool")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ELEMENTS = 8_000_000
+# Wire dtype name -> little-endian dtype, and native dtypes -> wire name: dict lookups instead of
+# ``dtype.name`` (slow pure-Python code in numpy) and a fresh ``newbyteorder`` per array.
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES}
+_NAME_OF = {np.dtype(name).newbyteorder(order): name for name in ALLOWED_DTYPES for order in "<>="}
 _PREFIX = struct.Struct("<4sHI")
 _MAX_NDIM = 32
 _HEADER_KEYS = {"type", "version", "fields", "arrays"}
@@ -80,7 +84,7 @@ def _check_scalar(cls: type[Message], name: str, kind: str, value: Any) -> Any:
 
 def _check_array(cls: type[Message], name: str, array: np.ndarray) -> None:
     field = f"{cls.TYPE}.{name}"
-    if array.dtype.name not in ALLOWED_DTYPES:
+    if array.dtype not in _NAME_OF:
         raise _fail(
             f"dtype {array.dtype.str} is not allowed on the wire",
             field,
@@ -131,11 +135,12 @@ class Codec:
                 continue
             array = np.asarray(value)
             _check_array(cls, f.name, array)
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            wire_name = _NAME_OF[array.dtype]
+            raw = np.ascontiguousarray(array, dtype=_WIRE_DTYPES[wire_name]).tobytes()
             specs.append(
                 {
                     "name": f.name,
-                    "dtype": array.dtype.name,
+                    "dtype": wire_name,
                     "shape": list(array.shape),
                     "offset": offset,
                     "length": len(raw),
@@ -278,7 +283,7 @@ class Codec:
             elements += size
             if elements > self.max_elements:
                 raise _fail("message has too many array elements", field, elements)
-            dtype = np.dtype(dtype_name).newbyteorder("<")
+            dtype = _WIRE_DTYPES[dtype_name]
             nbytes = size * dtype.itemsize
             declared = (spec["offset"], spec["length"])
             if not all(_is_int(v) for v in declared) or declared != (offset, nbytes):

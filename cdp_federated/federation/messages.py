@@ -28,7 +28,16 @@ __all__ = [
     "FitRes",
     "EvaluateIns",
     "EvaluateRes",
+    "RegressionEvaluateRes",
+    "PersonalizeIns",
+    "PersonalizeRes",
     "Failure",
+    "GBMSketchIns",
+    "GBMSketchRes",
+    "GBMHistogramIns",
+    "GBMHistogramRes",
+    "GBMEvaluateIns",
+    "GBMEvaluateRes",
 ]
 
 # Array dtype kinds a field may declare: floats, or integer counts (signed or unsigned), or bools.
@@ -110,7 +119,7 @@ class StatsIns(Message):
 
 @register(
     "stats_res",
-    version=1,
+    version=2,
     arrays={"sums": FLOAT, "scatter": FLOAT},
 )
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -120,13 +129,15 @@ class StatsRes(Message):
     ``sums[j]`` is the sum of feature ``j``; ``scatter`` (d x d) the sum of outer products of the
     rows' deviations from this participant's own mean (its diagonal is the per-feature sum of
     squared deviations), which combines across parties without cancellation error.
-    ``label_positives`` is the sum of the 0/1 label.
+    ``label_positives`` is the sum of the label (the positives of a 0/1 label) and
+    ``label_scatter`` the sum of its squared deviations from this participant's label mean.
     """
 
     count: int
     sums: np.ndarray
     scatter: np.ndarray
     label_positives: float
+    label_scatter: float = 0.0
 
 
 # --- Training ------------------------------------------------------------------------------------
@@ -199,6 +210,53 @@ class EvaluateRes(Message):
     count: int
 
 
+@register("regression_evaluate_res", version=1)
+@dataclasses.dataclass(frozen=True, eq=False)
+class RegressionEvaluateRes(Message):
+    """Sums that give RMSE, MAE and R^2 of the pooled rows: squared and absolute errors of the
+    predictions, the label's sum and its scatter about this participant's label mean (which
+    combine across parties like :class:`StatsRes` moments), and the row count. Never a row."""
+
+    count: int
+    squared_error_sum: float
+    absolute_error_sum: float
+    label_sum: float
+    label_scatter: float
+
+
+# --- Personalisation -----------------------------------------------------------------------------
+
+
+@register(
+    "personalize_ins",
+    version=1,
+    arrays={"parameters": FLOAT, "mean": FLOAT, "scale": FLOAT, "preconditioner": FLOAT},
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class PersonalizeIns(Message):
+    """Fine-tune the global ``parameters`` on this participant's training rows (``config`` as in
+    :class:`FitIns`, ``steps`` local steps), keep the result locally and evaluate both models on
+    the local test split. The personalised parameters never leave the participant."""
+
+    job: dict[str, Any]
+    parameters: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    config: dict[str, Any]
+    steps: int
+    preconditioner: np.ndarray = dataclasses.field(default_factory=_empty)
+
+
+@register("personalize_res", version=1)
+@dataclasses.dataclass(frozen=True, eq=False)
+class PersonalizeRes(Message):
+    """Aggregate test metrics of the global and the personalised model on this participant's
+    test rows (``{"global": {...}, "personalised": {...}}``) and the row count."""
+
+    count: int
+    metrics: dict[str, Any]
+
+
 # --- Errors --------------------------------------------------------------------------------------
 
 
@@ -212,3 +270,145 @@ class Failure(Message):
     stage: str
     error_type: str
     message: str
+
+
+# --- Histogram gradient boosting (horizontal) ----------------------------------------------------
+
+
+@register("gbm_sketch_ins", version=1)
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMSketchIns(Message):
+    """Ask for per-feature summaries of the training rows: distinct values with counts when a
+    feature has at most ``exact_limit`` of them, else at most ``sketch_size`` chunk means with
+    their row counts (each chunk holds several rows)."""
+
+    job: dict[str, Any]
+    sketch_size: int
+    exact_limit: int
+
+
+@register(
+    "gbm_sketch_res",
+    version=1,
+    arrays={"values": FLOAT, "weights": FLOAT, "lengths": INTEGER, "exact": BOOLEAN},
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMSketchRes(Message):
+    """Feature ``j``'s summary is ``values``/``weights`` at ``lengths[:j].sum()`` onwards for
+    ``lengths[j]`` points, exact (distinct values) when ``exact[j]``. Plus the row count and
+    the label sum (for the base score). Never a row."""
+
+    count: int
+    label_sum: float
+    values: np.ndarray
+    weights: np.ndarray
+    lengths: np.ndarray
+    exact: np.ndarray
+
+
+def _empty_int() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
+@register(
+    "gbm_histogram_ins",
+    version=1,
+    arrays={
+        "edges": FLOAT,
+        "edge_counts": INTEGER,
+        "split_nodes": INTEGER,
+        "split_features": INTEGER,
+        "split_bins": INTEGER,
+        "leaf_nodes": INTEGER,
+        "leaf_values": FLOAT,
+        "build_nodes": INTEGER,
+        "features": INTEGER,
+    },
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMHistogramIns(Message):
+    """One level of tree ``tree``, which is also the split broadcast of the previous level.
+
+    The participant (1) moves the rows of each ``split_nodes[i]`` to child ``2k+1`` when their
+    bin of ``split_features[i]`` is at most ``split_bins[i]``, else ``2k+2``; (2) when
+    ``leaf_nodes`` is non-empty, adds ``leaf_values`` to its rows' margins (the previous tree is
+    complete); (3) when ``depth`` is 0, starts tree ``tree`` (row draw from ``seed``); (4) replies
+    with gradient/hessian histograms of ``build_nodes`` over ``features``. The job's first
+    request also carries the agreed bin ``edges`` (``edge_counts`` per feature) and the
+    ``base_score`` every margin starts from.
+    """
+
+    job: dict[str, Any]
+    tree: int
+    depth: int
+    seed: int
+    base_score: float
+    build_nodes: np.ndarray
+    features: np.ndarray
+    split_nodes: np.ndarray = dataclasses.field(default_factory=_empty_int)
+    split_features: np.ndarray = dataclasses.field(default_factory=_empty_int)
+    split_bins: np.ndarray = dataclasses.field(default_factory=_empty_int)
+    leaf_nodes: np.ndarray = dataclasses.field(default_factory=_empty_int)
+    leaf_values: np.ndarray = dataclasses.field(default_factory=_empty)
+    edges: np.ndarray = dataclasses.field(default_factory=_empty)
+    edge_counts: np.ndarray = dataclasses.field(default_factory=_empty_int)
+
+
+@register("gbm_histogram_res", version=1, arrays={"nodes": INTEGER, "grad": FLOAT, "hess": FLOAT})
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMHistogramRes(Message):
+    """Gradient and hessian sums of this participant's rows per (node, feature, bin): ``grad``
+    and ``hess`` are ``len(nodes) x features x bins``. Never a row or a per-row gradient."""
+
+    tree: int
+    depth: int
+    nodes: np.ndarray
+    grad: np.ndarray
+    hess: np.ndarray
+
+
+@register(
+    "gbm_evaluate_ins",
+    version=1,
+    arrays={
+        "feature": INTEGER,
+        "threshold": FLOAT,
+        "left": INTEGER,
+        "right": INTEGER,
+        "value": FLOAT,
+        "roots": INTEGER,
+    },
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMEvaluateIns(Message):
+    """Score the ``split`` rows with the tree ensemble (flat node arrays, ``roots`` per tree)
+    and report aggregates: ``bins`` score histograms for a binary ``objective``, error sums for
+    regression."""
+
+    job: dict[str, Any]
+    split: str
+    objective: str
+    base_score: float
+    bins: int
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    value: np.ndarray
+    roots: np.ndarray
+
+
+@register("gbm_evaluate_res", version=1, arrays={"positives": INTEGER, "negatives": INTEGER})
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMEvaluateRes(Message):
+    """Aggregates of one participant's scored rows: per-class score histograms (binary; empty for
+    regression), summed log loss (binary), summed squared and absolute errors (regression), the
+    label sum and the row count. Never per-row scores."""
+
+    count: int
+    log_loss_sum: float
+    squared_error_sum: float
+    absolute_error_sum: float
+    label_sum: float
+    positives: np.ndarray
+    negatives: np.ndarray

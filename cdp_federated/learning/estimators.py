@@ -1,4 +1,5 @@
-"""The exported model: a scikit-learn compatible logistic regression built from federated parameters.
+"""The exported models: scikit-learn compatible logistic and linear regression built from federated
+parameters.
 
 ``coef_`` and ``intercept_`` apply to standardised features ``(X - mean_) / scale_``, as the last
 step of a ``StandardScaler`` + ``LogisticRegression`` pipeline would; :meth:`decision_function`
@@ -12,17 +13,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import ModelFormatError, SchemaMismatchError
-from . import logreg
+from . import linear, logreg
 from .aggregate import combine_moments, local_moments
 
-__all__ = ["FederatedLogisticRegression", "MODEL_FORMAT", "MODEL_VERSION"]
+__all__ = [
+    "FederatedLogisticRegression",
+    "FederatedLinearRegression",
+    "MODEL_FORMAT",
+    "MODEL_VERSION",
+    "LINEAR_MODEL_FORMAT",
+]
 
 MODEL_FORMAT = "cdp_federated.FederatedLogisticRegression"
 MODEL_VERSION = 1
+LINEAR_MODEL_FORMAT = "cdp_federated.FederatedLinearRegression"
 _FITTED = (
     "coef_",
     "intercept_",
@@ -246,4 +254,126 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
                 field="n_features_in",
                 value=data.get("n_features_in"),
             )
+        return model
+
+
+class FederatedLinearRegression(RegressorMixin, BaseEstimator):
+    """Least-squares linear regression on standardised features, L2 (``C``: ``Ridge(alpha=1/C)``)
+    and optional L1 (``l1_ratio``: ``ElasticNet(alpha=1/(C n), l1_ratio)``).
+
+    ``coef_`` applies to ``(X - mean_) / scale_`` and predictions are in the label's own units.
+    Built from a federated run with :meth:`from_parameters`; :meth:`fit` solves the same
+    objective centrally (the baseline a federated run is compared with). Saved as JSON.
+    """
+
+    def __init__(self, *, C: float = 1.0, l1_ratio: float = 0.0, tol: float = 1e-10) -> None:
+        self.C = C
+        self.l1_ratio = l1_ratio
+        self.tol = tol
+
+    @classmethod
+    def from_parameters(
+        cls,
+        parameters: np.ndarray,
+        *,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        feature_names: Sequence[str] | None = None,
+        C: float = 1.0,
+        l1_ratio: float = 0.0,
+    ) -> FederatedLinearRegression:
+        """A fitted estimator from ``[w..., b]`` (label units) and the standardisation."""
+        helper = FederatedLogisticRegression.from_parameters(
+            parameters, mean=mean, scale=scale, feature_names=feature_names
+        )  # the same checks of shapes, finiteness and names
+        model = cls(C=C, l1_ratio=l1_ratio)
+        model._copy_fitted(helper)
+        return model
+
+    def _copy_fitted(self, source: FederatedLogisticRegression) -> None:
+        for attr in _FITTED:
+            self.__dict__.pop(attr, None)
+            if attr != "classes_" and hasattr(source, attr):
+                setattr(self, attr, getattr(source, attr))
+
+    def fit(self, X: Any, y: Any) -> FederatedLinearRegression:
+        """Fit on one party's rows (centralised), standardising features and label as a
+        federated job does; the optimum is the one in label units."""
+        helper = FederatedLogisticRegression()
+        names = [str(c) for c in X.columns] if _is_frame(X) else None
+        x = helper._as_matrix(X, names, check_width=False)
+        y = np.asarray(y, dtype=np.float64).ravel()
+        if y.shape[0] != x.shape[0] or not np.isfinite(y).all():
+            raise ValueError("need one finite label per row")
+        n, sums, scatter = local_moments(x)
+        moments = combine_moments([n], [sums], [scatter])
+        z = (x - moments.mean) / moments.scale
+        label_mean, label_scale = float(y.mean()), float(y.std()) or 1.0
+        theta = linear.fit_centralised(
+            z,
+            (y - label_mean) / label_scale,
+            objective="regression",
+            c=self.C,
+            l1_ratio=self.l1_ratio,
+            tol=self.tol,
+            label_scale=label_scale,
+        )
+        fitted = FederatedLogisticRegression.from_parameters(
+            linear.to_label_units(theta, label_mean, label_scale),
+            mean=moments.mean,
+            scale=moments.scale,
+            feature_names=names,
+        )
+        self._copy_fitted(fitted)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """``((X - mean_) / scale_) @ coef_ + intercept_``, in the label's units."""
+        check_is_fitted(self)
+        return FederatedLogisticRegression.decision_function(self, X)
+
+    def _as_matrix(self, X: Any, columns: list[str] | None = None, **kwargs: Any) -> np.ndarray:
+        return FederatedLogisticRegression._as_matrix(self, X, columns, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description of the fitted model."""
+        check_is_fitted(self)
+        out = {
+            "format": LINEAR_MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "params": {
+                "C": float(self.C),
+                "l1_ratio": float(self.l1_ratio),
+                "tol": float(self.tol),
+            },
+            "coef": self.coef_[0].tolist(),
+            "intercept": float(self.intercept_[0]),
+            "mean": self.mean_.tolist(),
+            "scale": self.scale_.tolist(),
+            "n_features_in": int(self.n_features_in_),
+        }
+        if hasattr(self, "feature_names_in_"):
+            out["feature_names_in"] = [str(n) for n in self.feature_names_in_]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FederatedLinearRegression:
+        """Inverse of :meth:`to_dict`; a malformed document is a :class:`ModelFormatError`."""
+        if not isinstance(data, dict) or data.get("format") != LINEAR_MODEL_FORMAT:
+            raise ModelFormatError(
+                "not a FederatedLinearRegression document",
+                field="format",
+                value=data.get("format") if isinstance(data, dict) else type(data).__name__,
+                fix="load a model.json written by this release",
+            )
+        as_logistic = {**data, "format": MODEL_FORMAT, "classes": [0, 1]}
+        as_logistic["params"] = {"C": dict(data.get("params") or {}).get("C", 1.0)}
+        helper = FederatedLogisticRegression.from_dict(as_logistic)  # the same checks
+        params = dict(data["params"])
+        model = cls(
+            C=float(params.get("C", 1.0)),
+            l1_ratio=float(params.get("l1_ratio", 0.0)),
+            tol=float(params.get("tol", 1e-10)),
+        )
+        model._copy_fitted(helper)
         return model

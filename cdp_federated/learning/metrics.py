@@ -1,4 +1,5 @@
-"""Evaluation metrics from aggregated per-class score histograms (no per-row scores needed).
+"""Evaluation metrics from aggregated statistics: per-class score histograms for binary models,
+sums of errors and label moments for regression (no per-row score or prediction needed).
 
 Each party counts, per class, how many of its rows' scores fall in each of ``B`` equal-width bins
 over [0, 1]; summing the counts across parties gives the histograms of the pooled data, from which
@@ -15,6 +16,8 @@ __all__ = [
     "roc_auc_from_histograms",
     "accuracy_from_histograms",
     "mean_log_loss",
+    "pooled_scatter",
+    "regression_metrics",
 ]
 
 
@@ -79,3 +82,31 @@ def accuracy_from_histograms(
 def mean_log_loss(log_loss_sum: float, count: int) -> float:
     """Mean log loss from a summed log loss and its row count (``nan`` when there are no rows)."""
     return float(log_loss_sum / count) if count > 0 else float("nan")
+
+
+def pooled_scatter(counts, sums, scatters) -> float:
+    """Sum of squared deviations of the pooled values from the pooled mean, from each party's
+    count, sum and scatter about its own mean (the parallel-variance identity, no cancellation)."""
+    total = float(np.sum(counts))
+    if total <= 0:
+        return float("nan")
+    mean = float(np.sum(sums)) / total
+    out = 0.0
+    for n, s, sk in zip(counts, sums, scatters, strict=True):
+        if n:
+            out += float(sk) + n * (float(s) / n - mean) ** 2
+    return out
+
+
+def regression_metrics(
+    count: int, squared_error_sum: float, absolute_error_sum: float, label_scatter: float
+) -> dict[str, float]:
+    """RMSE, MAE and R^2 (``1 - SSE / SST``, with ``SST`` the label's scatter about its mean)
+    from sums; ``nan`` where undefined (no rows; R^2 of a constant label)."""
+    if count <= 0:
+        return {"rmse": float("nan"), "mae": float("nan"), "r2": float("nan")}
+    return {
+        "rmse": float(np.sqrt(squared_error_sum / count)),
+        "mae": float(absolute_error_sum / count),
+        "r2": float(1.0 - squared_error_sum / label_scatter) if label_scatter > 0 else float("nan"),
+    }

@@ -12,6 +12,7 @@ row or identifier ever crosses the wire).
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..errors import (
     ForbiddenError,
     TransportError,
 )
+from ..federation.relay import Delivery, unpack_deliveries
 
 __all__ = ["FRAME_TYPE", "Task", "TokenInfo", "CoordinatorClient", "BodyRecorder"]
 
@@ -279,3 +281,61 @@ class CoordinatorClient:
 
     def job_model(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}/model").json()
+
+    # --- relay (coordinator/relay.py; the channel on top: participant/relay.py) -------------------
+
+    def publish_relay_key(self, participant_id: str, public_key: bytes) -> dict[str, Any]:
+        """Publish this participant's raw 32-byte X25519 relay public key."""
+        encoded = base64.urlsafe_b64encode(bytes(public_key)).rstrip(b"=").decode()
+        return self._call(
+            "PUT", f"/v1/participants/{participant_id}/relay-key", json={"public_key": encoded}
+        ).json()
+
+    def relay_keys(self, job_id: str) -> dict[str, bytes]:
+        """The relay public keys the job's participants published, by participant."""
+        data = self._call("GET", f"/v1/jobs/{job_id}/relay/keys").json()
+        return {
+            name: base64.urlsafe_b64decode(info["public_key"] + "=")
+            for name, info in data["keys"].items()
+        }
+
+    def relay_send(self, job_id: str, recipient: str, frame: bytes) -> dict[str, Any]:
+        """Post an envelope frame to ``recipient``; returns the acknowledgement."""
+        return self._call(
+            "POST",
+            f"/v1/jobs/{job_id}/relay/{recipient}",
+            content=frame,
+            headers={"Content-Type": FRAME_TYPE},
+        ).json()
+
+    def relay_inbox(
+        self,
+        job_id: str,
+        *,
+        sender: str | None = None,
+        session: str | None = None,
+        after: int = 0,
+        wait: float = 0.0,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        """This participant's unacknowledged envelopes, long-polling up to ``wait`` seconds."""
+        params: dict[str, Any] = {"after": after, "wait": wait, "limit": limit}
+        if sender is not None:
+            params["sender"] = sender
+        if session is not None:
+            params["session"] = session
+        response = self._call(
+            "GET", f"/v1/jobs/{job_id}/relay", params=params, timeout=wait + self.timeout
+        )
+        if response.status_code == 204:
+            return []
+        return unpack_deliveries(response.content)
+
+    def relay_ack(self, job_id: str, ids: Sequence[int]) -> int:
+        """Acknowledge received envelopes (the coordinator deletes them)."""
+        done = 0
+        for start in range(0, len(ids), 1000):  # the service takes 1000 ids per request
+            chunk = list(ids[start : start + 1000])
+            response = self._call("DELETE", f"/v1/jobs/{job_id}/relay", params={"id": chunk})
+            done += int(response.json()["acknowledged"])
+        return done

@@ -29,6 +29,10 @@ POLICY = {
     "poll_tasks": {"admin": "none", "participant": "own_in_job", "observer": "none"},
     "submit_result": {"admin": "none", "participant": "own_in_job", "observer": "none"},
     "read_result": {"admin": "all", "participant": "own_in_job", "observer": "none"},
+    "read_relay_keys": {"admin": "none", "participant": "in_job", "observer": "none"},
+    "relay_send": {"admin": "none", "participant": "own_in_job", "observer": "none"},
+    "relay_receive": {"admin": "none", "participant": "own_in_job", "observer": "none"},
+    "publish_relay_key": {"admin": "none", "participant": "own_in_job", "observer": "none"},
 }
 
 ME = "acme"
