@@ -1,0 +1,70 @@
+"""How parties exchange messages: a two-method channel, and an in-process one for simulations.
+
+The active party drives the protocol through any object with ``send(recipient, message)`` and
+``receive(sender, timeout)`` (the relay's ``RelayChannel`` fits through a one-line adapter that
+adds the session). :class:`InProcessChannel` runs passive parties in the same process: every
+message is framed and parsed with :data:`~.messages.VERTICAL_CODEC` (so what a party gets is
+exactly what the wire would carry) and kept in ``log`` for inspection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ...errors import CDPFederatedError, TransportError
+from .messages import VERTICAL_CODEC, Failure
+
+__all__ = ["PartyChannel", "InProcessChannel"]
+
+
+class PartyChannel(Protocol):
+    def send(self, recipient: str, message: Any) -> None: ...
+
+    def receive(self, sender: str, timeout: float | None = None) -> Any: ...
+
+
+class InProcessChannel:
+    """The active party's end; ``parties`` maps a name to an object with ``handle(message)``."""
+
+    def __init__(self, parties: Mapping[str, Any], *, active: str = "active") -> None:
+        self.parties = dict(parties)
+        self.active = active
+        self.log: list[tuple[str, str, Any]] = []  # (sender, recipient, decoded message)
+        self._inbox: dict[str, deque] = {name: deque() for name in self.parties}
+
+    def _wire(self, sender: str, recipient: str, message: Any) -> Any:
+        decoded = VERTICAL_CODEC.decode(VERTICAL_CODEC.encode(message))
+        self.log.append((sender, recipient, decoded))
+        return decoded
+
+    def send(self, recipient: str, message: Any) -> None:
+        party = self.parties.get(recipient)
+        if party is None:
+            raise TransportError("unknown party", field="recipient", value=recipient)
+        delivered = self._wire(self.active, recipient, message)
+        try:
+            replies = party.handle(delivered)
+        except CDPFederatedError as exc:  # a party's refusal travels back as a Failure message
+            replies = [
+                Failure(
+                    participant=recipient,
+                    stage=type(delivered).__name__,
+                    error_type=type(exc).__name__,
+                    message=exc.message,
+                )
+            ]
+        for reply in replies or []:
+            self._inbox[recipient].append(self._wire(recipient, self.active, reply))
+
+    def receive(self, sender: str, timeout: float | None = None) -> Any:
+        queue = self._inbox.get(sender)
+        if not queue:
+            raise TransportError(
+                "no reply from party",
+                field="sender",
+                value=sender,
+                fix="check that the party is running and reachable",
+            )
+        return queue.popleft()
