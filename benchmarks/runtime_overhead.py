@@ -60,10 +60,11 @@ from cdp_federated.participant.runner import serve_tasks
 JOB_ID = "runtime-overhead"
 
 
-def serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
-    """``app`` under uvicorn on 127.0.0.1 (a free port), in a daemon thread; returns its URL."""
+def serve(app: Any, http: str = "auto") -> tuple[uvicorn.Server, threading.Thread, str]:
+    """``app`` under uvicorn on 127.0.0.1 (a free port), in a daemon thread; returns its URL.
+    ``http``: uvicorn's HTTP parser (``auto`` is httptools when installed, else h11)."""
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http)
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -200,8 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             recheck_seconds=0.5,
         )
         coordinator = Coordinator.open(config)
-        server, thread, url = serve(create_app(coordinator=coordinator))
-        raw_server, raw_thread, raw_url = serve(raw_endpoint)
+        server, thread, url = serve(create_app(coordinator=coordinator), args.http)
+        raw_server, raw_thread, raw_url = serve(raw_endpoint, args.http)
         stop = threading.Event()
         clients, workers, children = [], [], []
         try:
@@ -243,16 +244,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             coordinator.state.job_started(JOB_ID)
             transport = QueueTransport(coordinator.state, JOB_ID, names, deadline=120.0, stop=stop)
 
-            walls = {
-                "sequential": time_rounds(
+            modes = set(args.modes.split(","))
+            walls = {}
+            if "sequential" in modes:
+                walls["sequential"] = time_rounds(
                     lambda requests: {n: transport.request(n, m) for n, m in requests.items()},
                     names,
                     parameters,
                     args.rounds,
                     args.warmup,
-                ),
-            }
-            if hasattr(transport, "request_many"):  # absent before it was added: "before" runs
+                )
+            # request_many is absent before it was added ("before" runs)
+            if "concurrent" in modes and hasattr(transport, "request_many"):
                 walls["concurrent"] = time_rounds(
                     transport.request_many, names, parameters, args.rounds, args.warmup
                 )
@@ -297,6 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reply_frame_bytes": reply_bytes,
         "store": "sqlite",
         "participants_as": "processes" if args.processes else "threads",
+        "http_parser": http_parser(args.http),
         "goal_overhead_median_ms": 50.0,
         "goal_met": min(m["overhead"]["median_ms"] for m in modes.values()) < 50.0,
         **modes,
@@ -304,6 +308,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(),
     }
+
+
+def http_parser(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    try:
+        import httptools  # noqa: F401  (what uvicorn's "auto" picks when it is installed)
+    except ImportError:
+        return "h11"
+    return "httptools"
 
 
 def child(url: str, name: str) -> None:
@@ -331,6 +345,17 @@ def main() -> None:
         "--processes",
         action="store_true",
         help="participants as separate processes (default: threads of this process)",
+    )
+    parser.add_argument(
+        "--http",
+        choices=("auto", "h11", "httptools"),
+        default="auto",
+        help="uvicorn's HTTP parser for both servers (auto: httptools when installed)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="sequential,concurrent",
+        help="comma-separated modes to time (sequential, concurrent)",
     )
     parser.add_argument("--child", nargs=2, metavar=("URL", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()

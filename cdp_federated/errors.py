@@ -29,6 +29,7 @@ __all__ = [
     "TrainingError",
     "SchemaMismatchError",
     "NoTrainingDataError",
+    "SetupRequiredError",
     "ModelFormatError",
     "PluginError",
     "PolicyViolation",
@@ -157,6 +158,11 @@ class SchemaMismatchError(TrainingError, ValueError):
 
 class NoTrainingDataError(TrainingError):
     """A participant has no rows left to train on."""
+
+
+class SetupRequiredError(TrainingError, LookupError):
+    """A participant was asked to train under a job setup it does not hold (it restarted, or
+    never received it); the coordinator answers by sending the full setup again."""
 
 
 class ModelFormatError(CDPFederatedError, ValueError):

@@ -51,6 +51,16 @@ RESULT_FIELDS: dict[str, str] = {
     "bytes_exchanged": "bytes of protocol messages between the parties",
     "invalid": "per party: identifiers that failed normalisation (never matched)",
     "alignment_files": "per party: file holding its matched row numbers in the common order",
+    "label_party_only_auc": "ROC AUC of the same model trained by the label party alone on its own features (vertical)",
+    "label_party_only_rmse": "RMSE of the same model trained by the label party alone on its own features (vertical)",
+    "test_intersection_size": "test rows aligned across every party (vertical)",
+    "he": "homomorphic encryption scheme and key size, e.g. paillier-2048 (vertical)",
+    "epsilon": "differential privacy: epsilon the job spends (client-level, by the accountant in lineage), at delta",
+    "delta": "differential privacy: the delta of the reported epsilon",
+    "noise_multiplier": "differential privacy: Gaussian noise standard deviation over the clip norm, per round",
+    "sampling_rate": "differential privacy: probability that a party is asked in a round (Poisson sampling)",
+    "bytes_sent": "codec frame bytes of the participants' replies to training requests (model updates, compressed with --compress; GBM histograms), summed over rounds; with --secure-aggregation the replies to every stage plus the share packets posted to the relay",
+    "secure_aggregation": "secure aggregation: {participants, dropped, recovered}: parties in the job, participant-rounds that dropped out (any stage), and of those the ones dropped after key sharing whose masks were rebuilt from the survivors' shares and removed from the sum",
 }
 
 

@@ -14,7 +14,11 @@ purpose, so its funnel records ``consented`` as unknown.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
+import struct
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -25,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from .connector import ConnectorConfig, ConnectorRegistry
-from .errors import ConfigError, MissingColumnError, SchemaMismatchError
+from .errors import ConfigError, MissingColumnError, SchemaMismatchError, TransportError
 from .governance.pii import pii_term
 from .jobs import JobSpec
 from .learning.calibration import expected_calibration_error, reliability_table
@@ -34,6 +38,7 @@ from .learning.metrics import (
     roc_auc_from_histograms,
     score_histograms,
 )
+from .privacy.dp_fedavg import job_privacy_spend
 from .results import make_result
 
 __all__ = ["MODELS", "STRATEGIES", "simulate_horizontal"]
@@ -238,6 +243,206 @@ def _train(job: JobSpec, transport: Any) -> Any:
     return run_horizontal(job, transport)
 
 
+# Requests whose replies carry training updates (parameters, or GBM histograms).
+_TRAINING_REQUESTS = ("fit_ins", "gbm_histogram_ins", "secagg_ins")
+_FRAME_PREFIX = struct.Struct("<4sHI")  # the codec's magic, format version, header length
+
+
+class _UpdateBytes:
+    """Transport recorder: codec frame bytes of the participants' replies to training requests
+    (``bytes_sent``, what update compression shrinks); with secure aggregation, the replies to
+    every stage and the share packets posted to the relay (:meth:`relay`)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._asked: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def relay(self, direction: str, participant: str, frame: bytes) -> None:
+        if direction == "post":
+            with self._lock:
+                self.total += len(frame)
+
+    def __call__(self, direction: str, participant: str, frame: bytes) -> None:
+        if direction == "request":
+            _, _, length = _FRAME_PREFIX.unpack_from(frame)
+            head = frame[_FRAME_PREFIX.size : _FRAME_PREFIX.size + length]
+            self._asked[participant] = json.loads(head)["type"]
+        elif self._asked.pop(participant, None) in _TRAINING_REQUESTS:
+            with self._lock:
+                self.total += len(frame)
+
+
+def _robust_job_params(model: str, compress: str, aggregation: str) -> dict[str, Any]:
+    """``--compress`` and ``--aggregation`` as job parameters (linear models only)."""
+    from .privacy.compression import parse_compression
+    from .privacy.robust import AGGREGATIONS
+
+    try:
+        parse_compression(compress)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, field="--compress", value=compress, fix=exc.fix) from None
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(
+            "unknown aggregation rule",
+            field="--aggregation",
+            value=aggregation,
+            fix=f"use one of {', '.join(AGGREGATIONS)}",
+        )
+    out: dict[str, Any] = {}
+    if compress != "none":
+        out["compression"] = compress
+    if aggregation != "mean":
+        out["aggregation"] = aggregation
+    if out and model == "gbm":
+        raise ConfigError(
+            "update compression and robust aggregation apply to linear models only",
+            field="--compress" if compress != "none" else "--aggregation",
+            value=compress if compress != "none" else aggregation,
+            fix="leave --compress and --aggregation out with --model gbm",
+        )
+    return out
+
+
+def _dp_job_params(
+    epsilon: float | None, delta: float | None, noise: float | None, clip: float | None
+) -> dict[str, Any]:
+    """``--dp-epsilon``/``--dp-noise``, ``--dp-delta`` and ``--dp-clip`` as job parameters."""
+    if epsilon is not None and noise is not None:
+        raise ConfigError(
+            "give a target epsilon or a noise multiplier, not both",
+            field="--dp-noise",
+            value=noise,
+            fix="keep --dp-epsilon or --dp-noise",
+        )
+    if epsilon is None and noise is None:
+        if delta is not None or clip is not None:
+            raise ConfigError(
+                "--dp-delta and --dp-clip need a noise level",
+                field="--dp-epsilon",
+                fix="add --dp-epsilon E (target) or --dp-noise Z",
+            )
+        return {}
+    named = {"dp_epsilon": epsilon, "dp_noise_multiplier": noise, "dp_delta": delta}
+    return {k: v for k, v in (named | {"dp_clip": clip}).items() if v is not None}
+
+
+class _Dropouts:
+    """``--dropout``: in every round, ``round(fraction * n)`` of the ``n`` participants that
+    shared their keys fail at the masked-input stage, chosen afresh per round by a keyed BLAKE2b
+    ranking (the key from ``--seed``, else from :mod:`secrets`), so the coordinator must remove
+    their pairwise masks from the survivors' Shamir shares."""
+
+    def __init__(self, fraction: float, seed: int | None) -> None:
+        self.fraction = fraction
+        self._key = (
+            secrets.token_bytes(32)
+            if seed is None
+            else hashlib.sha256(f"cdp-fl/simulate/dropout/{seed}".encode()).digest()
+        )
+
+    def count(self, n: int) -> int:
+        return int(self.fraction * n + 0.5)
+
+    def drops(self, name: str, message: Any) -> bool:
+        from .federation.messages import SecAggIns
+
+        if not isinstance(message, SecAggIns) or message.stage != "mask":
+            return False
+        # "<job>/secagg/round-<r>/<attempt>": the same choice for every participant of the round
+        tag = message.session.rsplit("/", 2)[-2].encode()
+        ranked = sorted(
+            message.names,
+            key=lambda n: hashlib.blake2b(tag + b"/" + n.encode(), key=self._key).digest(),
+        )
+        return name in ranked[: self.count(len(ranked))]
+
+    def wrap(self, name: str, handler: Any) -> Any:
+        def handle(message: Any) -> Any:
+            if self.drops(name, message):
+                raise TransportError(
+                    "simulated dropout after key sharing", field="--dropout", value=self.fraction
+                )
+            return handler(message)
+
+        return handle
+
+
+def _secagg_settings(
+    enabled: bool,
+    dropout: float,
+    *,
+    model: str,
+    aggregation: str,
+    parties: int,
+    params: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """``--secure-aggregation`` / ``--dropout`` checked against the rest of the run: the job
+    parameters to add (None when secure aggregation is off). With dropouts, rounds accept the
+    survivors (``min_fit_participants``) unless the caller set that itself."""
+    enabled = enabled or params.get("secure_aggregation") not in (None, False)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(
+            "the dropout fraction is in [0, 1)",
+            field="--dropout",
+            value=dropout,
+            fix="e.g. --dropout 0.2",
+        )
+    if not enabled:
+        if dropout:
+            raise ConfigError(
+                "--dropout simulates participants lost during secure aggregation",
+                field="--dropout",
+                value=dropout,
+                fix="add --secure-aggregation",
+            )
+        return None
+    if model == "gbm":
+        raise ConfigError(
+            "secure aggregation wraps FedAvg rounds of linear models only",
+            field="--secure-aggregation",
+            value=model,
+            fix="use --model logreg or linear, or leave --secure-aggregation out",
+        )
+    if aggregation != "mean":
+        raise ConfigError(
+            f"{aggregation} needs every update on its own, which secure aggregation hides",
+            field="--aggregation",
+            value=aggregation,
+            fix="use --aggregation mean with --secure-aggregation",
+        )
+    setting = params.get("secure_aggregation", True)
+    threshold = setting.get("threshold") if isinstance(setting, Mapping) else None
+    threshold = threshold or parties // 2 + 1
+    lost = int(dropout * parties + 0.5)
+    if parties - lost < threshold:
+        raise ConfigError(
+            f"--dropout {dropout} drops {lost} of {parties} participants, leaving fewer than the "
+            f"threshold {threshold}: every round would abort",
+            field="--dropout",
+            value=dropout,
+            fix=f"drop at most {parties - threshold} participants",
+        )
+    out: dict[str, Any] = {"secure_aggregation": setting}
+    if lost and "min_fit_participants" not in params:
+        out["min_fit_participants"] = parties - lost
+    return out
+
+
+def _secagg_summary(history: Sequence[Any], parties: int) -> dict[str, int]:
+    """``participants``, ``dropped`` (participant-rounds that dropped, at any stage) and
+    ``recovered`` (of those, the ones that had shared their keys: their pairwise masks were
+    rebuilt from the survivors' shares and removed from the sum)."""
+    reasons = [
+        why
+        for record in history
+        for why in record.failures.values()
+        if why.startswith("SecureAggregationDropout: ")
+    ]
+    after_sharing = [r for r in reasons if r.split(": ", 2)[1] == "mask"]
+    return {"participants": parties, "dropped": len(reasons), "recovered": len(after_sharing)}
+
+
 def simulate_horizontal(
     parties: Mapping[str, str | Path],
     *,
@@ -253,9 +458,21 @@ def simulate_horizontal(
     id_column: str = _ID,
     params: Mapping[str, Any] | None = None,
     now: datetime | None = None,
+    compress: str = "none",
+    aggregation: str = "mean",
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
+    dp_noise: float | None = None,
+    dp_clip: float | None = None,
+    secure_aggregation: bool = False,
+    dropout: float = 0.0,
 ) -> dict[str, Any]:
     """Train across ``parties`` (name -> file), evaluate on ``test``, save to the registry and
-    return the shared result schema (see the module docstring for who sees what)."""
+    return the shared result schema (see the module docstring for who sees what). ``compress``
+    and ``aggregation`` become ``params.compression`` / ``params.aggregation`` (linear models);
+    ``secure_aggregation`` sets ``params.secure_aggregation`` and wraps every participant in
+    :class:`~cdp_federated.participant.secagg_tasks.SecAggTasks`, with ``dropout`` of them
+    failing after key sharing in each round."""
     from .federation.transport import InProcessTransport
     from .participant.agent import ParticipantAgent
     from .plugins import make_plugin_manager
@@ -280,6 +497,15 @@ def simulate_horizontal(
             value=strategy,
             fix="leave --strategy out with --model gbm (trees are grown from summed histograms)",
         )
+    robust_job_params = _robust_job_params(model, compress, aggregation)
+    secagg = _secagg_settings(
+        secure_aggregation,
+        dropout,
+        model=model,
+        aggregation=aggregation,
+        parties=len(parties),
+        params=params or {},
+    )
     objective = objective or ("regression" if model == "linear" else "binary")
     if objective not in ("binary", "regression") or (model == "logreg" and objective != "binary"):
         raise ConfigError(
@@ -332,11 +558,13 @@ def simulate_horizontal(
     )
     job_params: dict[str, Any] = {"C": 1.0, "histogram_bins": BINS, **(params or {})}
     if model != "gbm":
-        job_params |= {"strategy": strategy, "objective": objective}
+        job_params |= {"strategy": strategy, "objective": objective, **robust_job_params}
     else:
         job_params["objective"] = objective
     if seed is not None:
         job_params["seed"] = seed
+    job_params |= _dp_job_params(dp_epsilon, dp_delta, dp_noise, dp_clip)
+    job_params |= secagg or {}
     job = JobSpec(
         job_id=f"simulate-{secrets.token_hex(4)}",
         kind="horizontal",
@@ -351,8 +579,19 @@ def simulate_horizontal(
     def provider(frame: pl.DataFrame):
         return lambda _job, split: frame if split != "test" else frame.head(0)
 
+    privacy = job_privacy_spend(job)  # None without DP; refuses DP on models it cannot wrap
     agents = {name: ParticipantAgent(name, provider(f)) for name, f in frames.items()}
-    transport = InProcessTransport({name: agent.handle for name, agent in agents.items()})
+    counter = _UpdateBytes()
+    handlers = {name: agent.handle for name, agent in agents.items()}
+    if secagg is not None:
+        from .participant.secagg_tasks import SecAggTasks, in_process_channels
+
+        channels = in_process_channels(handlers, recorder=counter.relay)
+        plan = _Dropouts(dropout, seed)
+        handlers = {
+            n: plan.wrap(n, SecAggTasks(n, h, channels[n]).handle) for n, h in handlers.items()
+        }
+    transport = InProcessTransport(handlers, recorder=counter)
     result = _train(job, transport)
     metrics, calibration = _test_metrics(result.estimator, test_frame, chosen, label, objective)
     pooled = pl.concat([f.select([*chosen, label]) for f in frames.values()])
@@ -379,6 +618,8 @@ def simulate_horizontal(
         "calibration": calibration,
         "test_rows": test_frame.height,
         "simulation": True,
+        "epsilon": None if privacy is None else privacy.epsilon,
+        "delta": None if privacy is None else privacy.delta,
     }
     model_id, model_path = save_model(
         registry_root,
@@ -406,7 +647,17 @@ def simulate_horizontal(
         model_path=str(model_path),
         model_id=model_id,
         card_path=str(Path(model_path).parent / "model_card.md"),
+        bytes_sent=counter.total,
     )
+    if secagg is not None:
+        out |= make_result(secure_aggregation=_secagg_summary(result.history, len(frames)))
+    if privacy is not None:
+        out |= make_result(
+            epsilon=round(privacy.epsilon, 6),
+            delta=privacy.delta,
+            noise_multiplier=round(privacy.noise_multiplier, 6),
+            sampling_rate=privacy.sampling_rate,
+        )
     if objective == "regression":
         out |= make_result(rmse=round(metrics["rmse"], 6), centralized_rmse=round(reference, 6))
     else:

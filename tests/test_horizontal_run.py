@@ -194,8 +194,27 @@ def test_requests_carry_the_job_and_model_never_data(federated):
         if direction == "request":
             message = decode(frame)
             assert message.job["job_id"] == "horizontal-test"
-            if isinstance(message, FitIns):
-                assert message.preconditioner.shape == (len(FEATURES) + 1,) * 2
+
+
+def test_fit_setup_is_sent_once_per_participant_then_named(parties, federated):
+    # The job spec, mean, scale and preconditioner travel in each participant's first fit
+    # request only; later rounds name them by digest (FitIns.setup) and carry the model.
+    _, frames = federated
+    d = len(FEATURES)
+    fits = [
+        (name, decode(frame))
+        for direction, name, frame in frames
+        if direction == "request" and b'"fit_ins"' in frame
+    ]
+    full = [(name, m) for name, m in fits if not m.is_short]
+    assert sorted(name for name, _ in full) == sorted(parties)
+    assert all(m.preconditioner.shape == (d + 1, d + 1) and m.round == 1 for _, m in full)
+    assert {m.setup for _, m in fits} == {full[0][1].setup} and len(full[0][1].setup) == 64
+    short = [m for _, m in fits if m.is_short]
+    assert len(short) == len(fits) - len(parties) > 0
+    assert all(
+        m.job == {"job_id": "horizontal-test"} and m.parameters.shape == (d + 1,) for m in short
+    )
 
 
 # --- refusals ------------------------------------------------------------------------------------

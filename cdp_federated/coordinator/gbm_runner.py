@@ -64,6 +64,7 @@ from ..learning.gbm.binning import pack_edges
 from ..learning.gbm.draws import fresh_seed
 from ..learning.gbm.loss import base_score as pooled_base_score
 from ..learning.metrics import accuracy_from_histograms, mean_log_loss, roc_auc_from_histograms
+from ..privacy.dp_gbm import gbm_histogram_dp
 
 __all__ = ["GBMEvaluation", "GBMResult", "run_horizontal_gbm"]
 
@@ -152,6 +153,7 @@ def run_horizontal_gbm(
             fix="use kind='horizontal', model='gbm' and list the features",
         )
     params = GBMParams.from_mapping(job.params, n_trees=max(job.rounds, 1))
+    histogram_dp = gbm_histogram_dp(job)  # params.dp_*: noise on the summed histograms
     min_participants = job.params.get("min_participants", 1)
     participants = transport.participants()
     if not isinstance(min_participants, int) or not 1 <= min_participants:
@@ -215,7 +217,8 @@ def run_horizontal_gbm(
             leaf_values=step.leaf_values,
             **extra,
         )
-        return _sum_histograms(transport, trained, request, params.max_bins)
+        grad, hess = _sum_histograms(transport, trained, request, params.max_bins)
+        return (grad, hess) if histogram_dp is None else histogram_dp.noisy(grad, hess)
 
     def tree_done(record: TreeRecord) -> None:
         history.append(record)

@@ -21,7 +21,10 @@ from ..learning import linear
 from ..learning.aggregate import Moments
 from ..learning.metrics import pooled_scatter, regression_metrics
 from ..learning.rounds import ClientSampler, EarlyStopping, validation_fraction
-from ..learning.strategy import STRATEGY_PARAM_NAMES, FedAvg, strategy_from_params
+from ..learning.strategy import STRATEGY_PARAM_NAMES, FedAvg, Strategy, strategy_from_params
+from ..privacy.compression import Compression, parse_compression
+from ..privacy.dp_fedavg import DPConfig, DPFedAvg
+from ..privacy.robust import RobustAggregation, RobustSettings, robust_settings
 
 __all__ = [
     "HorizontalParams",
@@ -68,6 +71,11 @@ class HorizontalParams:
     personalize_steps: int = 0
     dtype: str = "float64"
     strategy_options: tuple[tuple[str, Any], ...] = ()  # the job params the strategy reads
+    # params.compression (participants compress their updates; see privacy/compression.py) and
+    # params.aggregation / trim_fraction / norm_bound (privacy/robust.py).
+    compression: Compression = Compression()
+    robust: RobustSettings = RobustSettings()
+    dp: DPConfig | None = None  # params.dp_* (client-level DP-FedAvg, privacy/dp_fedavg.py)
 
     @classmethod
     def from_job(cls, job: JobSpec) -> HorizontalParams:
@@ -98,6 +106,9 @@ class HorizontalParams:
             ),
             dtype=str(p.get("dtype", "float64")),
             strategy_options=tuple(sorted((k, p[k]) for k in STRATEGY_PARAM_NAMES if k in p)),
+            compression=parse_compression(p.get("compression"), block=p.get("compression_block")),
+            robust=robust_settings(p),
+            dp=DPConfig.from_params(p, job.rounds),
             **optional_int,
         )
         if out.histogram_bins % 2 or out.histogram_bins > 1_000_000:
@@ -149,15 +160,35 @@ class HorizontalParams:
         *,
         min_fit_participants: int,
         fit_config: Mapping[str, Any] | None = None,
-    ) -> FedAvg:
+    ) -> Strategy:
         """The strategy ``params.strategy`` selects, with its hyper-parameters and this job's
-        sampler."""
-        return strategy_from_params(
+        sampler, wrapped by robust aggregation when ``params.aggregation``/``norm_bound`` ask, or
+        by client-level DP-FedAvg when ``params.dp_epsilon``/``dp_noise_multiplier`` ask."""
+        central = self.dp is not None and not self.dp.local  # local DP: participants add noise
+        strategy: FedAvg = strategy_from_params(
             dict(self.strategy_options),
             min_fit_participants=min_fit_participants,
             fit_config=fit_config,
-            sampler=self.sampler(),
+            sampler=None if central else self.sampler(),  # central DP samples by Poisson itself
         )
+        if central:
+            if self.robust.active:
+                raise ConfigError(
+                    "robust aggregation and DP-FedAvg cannot be combined: DP's noise is "
+                    "calibrated to a clipped sum",
+                    field="params.aggregation",
+                    value=self.robust.aggregation,
+                    fix="drop params.aggregation/norm_bound or the dp_* parameters",
+                )
+            # With Poisson sampling a round may draw fewer than the runner's default minimum.
+            explicit = self.min_fit_participants is not None or self.dp.sampling_rate >= 1.0
+            return DPFedAvg(
+                strategy,
+                self.dp,
+                min_fit_participants=min_fit_participants if explicit else 1,
+                seed=self.seed,
+            )
+        return RobustAggregation(strategy, self.robust) if self.robust.active else strategy
 
 
 def _number(params: Mapping[str, Any], key: str, default: float, *, integer: bool = False) -> float:

@@ -12,7 +12,8 @@ Latency: the participants of a round work concurrently, so a round costs about t
 participant's reply time, and a silent participant costs one ``deadline`` per stage, not one per
 request. A waiting call wakes the moment a reply is written (a condition variable, no sleep loop)
 and then reads only the replies still missing; see ``docs/runtime.md`` and
-``benchmarks/runtime_overhead.py`` for figures. ``request`` is a batch of one.
+``benchmarks/runtime_overhead.py`` for figures. ``request`` is a batch of one. Messages of a batch
+that would encode to the same bytes (a round's FitIns to every participant) are encoded once.
 
 Stopping: when the coordinator shuts down (``stop`` set, or the state closed) before every reply
 came, the call raises :class:`JobInterrupted` instead of reporting dropouts, so no round is
@@ -23,9 +24,14 @@ requests after the highest number the job used before, so (job, seq, attempt) st
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
+from typing import Any
+
+import numpy as np
 
 from ..errors import CDPFederatedError, CodecError, TransportError
 from ..federation.codec import Codec
@@ -36,6 +42,40 @@ from .state import CoordinatorState, NewTask
 __all__ = ["QueueTransport", "DEADLINE_EXCEEDED", "JobInterrupted"]
 
 DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
+    return a.tobytes() == b.tobytes()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are bit for bit the same value (so they encode alike): same types
+    all the way down, arrays of one dtype and shape with equal bytes, floats with equal bits
+    (``0.0`` is not ``-0.0``, NaN is never the same). Anything else is not the same."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and _same_bytes(a, b)
+    if isinstance(a, np.generic):
+        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    if isinstance(a, float):
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if isinstance(a, str | int | bytes):
+        return a == b
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(
+            _same(ka, kb) and _same(va, vb)
+            for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True)
+        )
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if dataclasses.is_dataclass(a):
+        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return False
 
 
 class JobInterrupted(CDPFederatedError):
@@ -70,6 +110,8 @@ class QueueTransport(Transport):
                 fix="use a deadline of a few seconds or more",
             )
         self._codec = codec or Codec()
+        # a reply the HTTP handler decoded (default limits, reply types only) decodes alike here
+        self._reuse_decoded = codec is None
         self._recorder = recorder
         self._stop = stop
         self._seq = state.last_task_seq(job_id)  # 0 for a new job; after the old ones if resumed
@@ -88,11 +130,16 @@ class QueueTransport(Transport):
         self._check_running()
         replies: dict[str, Message] = {}
         frames: dict[str, bytes] = {}
+        encoded: list[tuple[Message, bytes]] = []  # each distinct message once
         for participant, message in requests.items():
             if participant not in self._participants:
                 replies[participant] = undelivered(participant, message, self._unknown(participant))
                 continue
-            frames[participant] = self._codec.encode(message)  # the coordinator's defect: raises
+            frame = next((f for m, f in encoded if _same(m, message)), None)
+            if frame is None:
+                frame = self._codec.encode(message)  # the coordinator's defect: raises
+                encoded.append((message, frame))
+            frames[participant] = frame
             if self._recorder is not None:
                 self._recorder("request", participant, frames[participant])
         with self._lock:
@@ -114,12 +161,12 @@ class QueueTransport(Transport):
         )
         task_ids = {task.participant_id: task.task_id for task in queued}
         seconds = self.deadline.total_seconds()
-        answers = self.state.wait_results(list(task_ids.values()), seconds, stop=self._stop)
+        answers = self.state.wait_replies(list(task_ids.values()), seconds, stop=self._stop)
         late = [t for t in task_ids.values() if t not in answers]
         if late:
             self._check_running()  # a reply missing because the coordinator stops is no dropout
             self.state.expire_tasks(late)
-            answers |= self.state.wait_results(late, 0)  # answered just before they expired?
+            answers |= self.state.wait_replies(late, 0)  # answered just before they expired?
         for participant, message in requests.items():
             if participant in task_ids:
                 replies[participant] = self._reply(
@@ -136,8 +183,8 @@ class QueueTransport(Transport):
                 value=self.job_id,
             )
 
-    def _reply(self, participant: str, stage: str, reply: bytes | None) -> Message:
-        if reply is None:
+    def _reply(self, participant: str, stage: str, answer: tuple[bytes, Any] | None) -> Message:
+        if answer is None:
             seconds = self.deadline.total_seconds()
             return Failure(
                 participant=participant,
@@ -145,8 +192,11 @@ class QueueTransport(Transport):
                 error_type=DEADLINE_EXCEEDED,
                 message=f"no reply within {seconds:g} s (deadline exceeded)",
             )
+        reply, decoded = answer
         if self._recorder is not None:
             self._recorder("reply", participant, reply)
+        if decoded is not None and self._reuse_decoded:
+            return decoded  # validated and decoded when it was posted: not decoded twice
         try:
             return self._codec.decode(reply)  # validated when received; decoded here again
         except CodecError as exc:

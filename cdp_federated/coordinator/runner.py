@@ -48,6 +48,7 @@ from ..federation.messages import (
     RegressionEvaluateRes,
     StatsIns,
     StatsRes,
+    setup_digest,
 )
 from ..federation.transport import Transport, stage_of, undelivered
 from ..jobs import JobSpec
@@ -58,6 +59,9 @@ from ..learning.estimators import FederatedLinearRegression, FederatedLogisticRe
 from ..learning.metrics import accuracy_from_histograms, mean_log_loss, roc_auc_from_histograms
 from ..learning.rounds import EarlyStopping
 from ..learning.strategy import Strategy
+from ..privacy.compression import expand_fit_reply
+from ..privacy.dp_fedavg import DPFedAvg
+from ..privacy.secagg_rounds import from_params as secure_aggregation_for
 from .linear_params import (
     HorizontalParams,
     label_standardisation,
@@ -206,6 +210,7 @@ def run_horizontal(
     if job.rounds < 1:
         raise ConfigError("rounds must be at least 1", field="rounds", value=job.rounds)
     params = HorizontalParams.from_job(job)
+    splits = ("test", "train") if _evaluates_train(job) else ("test",)
     participants = transport.participants()
     per_round = params.sample_size(len(participants))  # everyone unless the job samples
     min_fit = params.min_fit_participants or per_round
@@ -254,10 +259,20 @@ def run_horizontal(
         ).l1,
         d + 1,
     )
+    if strategy is not None and params.dp is not None and not params.dp.local:
+        if not isinstance(strategy, DPFedAvg):  # the budget would be charged, no noise added
+            raise ConfigError(
+                "the job asks for DP but the strategy given does not add its noise",
+                field="strategy",
+                value=type(strategy).__name__,
+                fix="leave strategy out (params build the DP wrapper) or pass a DPFedAvg",
+            )
     strategy = strategy or params.build_strategy(
         min_fit_participants=min_fit, fit_config=task_config
     )
     stopper = params.early_stopping()
+    # params.secure_aggregation: the coordinator sees masked inputs and their sum only
+    secagg = secure_aggregation_for(job.job_id, job.params, strategy)
     parameters = strategy.initialize(d)
     history: list[RoundRecord] = []
     first_round = 1
@@ -286,22 +301,21 @@ def run_horizontal(
         if pm is not None:  # a resumed job started before the restart
             pm.hook.cdp_job_started(job=job, participants=list(participants))
 
+    # Job spec, mean, scale and preconditioner go to each participant once (FitIns.setup).
+    setup = _FitSetup(wire_job, moments.mean, moments.scale, precond)
     for round_number in range(first_round, job.rounds + 1):
         incoming = parameters
         instructions = strategy.configure_fit(round_number, parameters, active)
         requests = {
-            name: FitIns(
-                job=wire_job,
-                round=round_number,
-                parameters=instr.parameters,
-                mean=moments.mean,
-                scale=moments.scale,
-                config={**task_config, **instr.config},
-                preconditioner=precond,
+            name: setup.request(
+                name, round_number, instr.parameters, {**task_config, **instr.config}
             )
             for name, instr in sorted(instructions.items())
         }
-        results, failures = _collect_fits(transport, requests, parameters.shape)
+        if secagg is not None:
+            results, failures = secagg.collect_fits(transport, requests, round_number)
+        else:
+            results, failures = _collect_fits(transport, requests, parameters.shape, setup)
         parameters = strategy.aggregate_fit(round_number, results, failures)
         if params.l1_ratio > 0:
             parameters = linear.soft_threshold(parameters, prox)
@@ -366,7 +380,7 @@ def run_horizontal(
             if best_round != len(history):
                 evaluations["validation"], _ = evaluate("validation", parameters)
     counts: dict[str, dict[str, int]] = {}
-    for split in ("test", "train"):
+    for split in splits:
         evaluations[split], counts[split] = evaluate(split, parameters)
     personalisation = (
         _personalise(transport, active, wire_job, parameters, moments, precond, task_config, params)
@@ -536,20 +550,94 @@ def _load_stopper(stopper: EarlyStopping | None, state: Mapping[str, Any]) -> bo
     return bool(state["stopped"])
 
 
+@dataclass
+class _FitSetup:
+    """The part of a job's fit requests that never changes between rounds. A participant gets it
+    in its first (full) request and is then sent short ones naming it by digest; one that lost
+    it (a restart) answers ``SetupRequiredError`` and gets the full request again."""
+
+    job: dict[str, Any]
+    mean: np.ndarray
+    scale: np.ndarray
+    preconditioner: np.ndarray
+    holders: set[str] = field(default_factory=set)  # participants known to keep it
+
+    def __post_init__(self) -> None:
+        self.name = setup_digest(self.job, self.mean, self.scale, self.preconditioner)
+        self._reference = {"job_id": self.job["job_id"]}
+        self._none = np.zeros(0)
+
+    def request(
+        self,
+        participant: str,
+        round_number: int,
+        parameters: np.ndarray,
+        config: dict[str, Any],
+        *,
+        full: bool = False,
+    ) -> FitIns:
+        if full or participant not in self.holders:
+            return FitIns(
+                self.job,
+                round_number,
+                parameters,
+                self.mean,
+                self.scale,
+                config,
+                self.preconditioner,
+                setup=self.name,
+            )
+        none = self._none
+        return FitIns(
+            self._reference, round_number, parameters, none, none, config, none, setup=self.name
+        )
+
+
 def _collect_fits(
-    transport: Transport, requests: Mapping[str, FitIns], shape: tuple[int, ...]
+    transport: Transport,
+    requests: Mapping[str, FitIns],
+    shape: tuple[int, ...],
+    setup: _FitSetup | None = None,
 ) -> tuple[dict[str, FitRes], dict[str, Failure]]:
-    """Ask each participant; a reply that is not a usable ``FitRes`` counts as a failure."""
+    """Ask each participant; a reply that is not a usable ``FitRes`` counts as a failure. A
+    participant without the ``setup`` its short request names is asked again, in full, once."""
     results: dict[str, FitRes] = {}
     failures: dict[str, Failure] = {}
     answers = _ask_all(transport, requests)
+    if setup is not None:
+        lost = [
+            n for n, a in answers.items() if getattr(a, "error_type", "") == "SetupRequiredError"
+        ]
+        if lost:
+            setup.holders.difference_update(lost)
+            requests = dict(requests)
+            for name in lost:
+                r = requests[name]
+                requests[name] = setup.request(name, r.round, r.parameters, r.config, full=True)
+            answers.update(_ask_all(transport, {name: requests[name] for name in lost}))
     for name, request in sorted(requests.items()):
-        reply = answers[name]
+        # A compressed update (params.compression) comes back as the FitRes it stands for.
+        reply = expand_fit_reply(name, answers[name], request.parameters)
         if isinstance(reply, FitRes) and reply.parameters.shape == shape and reply.num_examples > 0:
             results[name] = reply
+            if setup is not None and request.setup == setup.name:
+                setup.holders.add(name)
         else:
             failures[name] = _as_failure(name, request, reply, f"{shape[0]} parameters")
     return results, failures
+
+
+def _evaluates_train(job: JobSpec) -> bool:
+    """``params.evaluate_train`` (default true): also score the training split at the end."""
+    value = job.params.get("evaluate_train", True)
+    if not isinstance(value, bool):
+        raise ConfigError(
+            "evaluate_train must be true or false",
+            field="params.evaluate_train",
+            value=value,
+            fix="leave it unset (evaluate the train split too) or set false to skip it",
+        )
+    return value
 
 
 def _hook_metrics(record: RoundRecord) -> dict[str, Any]:

@@ -24,7 +24,9 @@ from sqlalchemy import (
     UniqueConstraint,
     inspect,
     select,
+    text,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
 from ..errors import SchemaVersionError, StoreError
@@ -39,6 +41,7 @@ __all__ = [
     "used_jti",
     "jobs",
     "tasks",
+    "frames",
     "results",
     "checkpoints",
     "job_resumes",
@@ -118,7 +121,10 @@ jobs = Table(
 
 # One request to one participant: the encoded CDPF frame and until when a reply is awaited. ``seq``
 # orders a job's requests; (job, seq, attempt) is unique. ``status``: pending (not answered yet,
-# deliverable again until answered or expired), done, expired.
+# deliverable again until answered or expired), done, expired. The frame is in ``coord_frames``
+# under (job, ``request_frame``) when that is set (``request`` is then empty): a round sends the
+# same bytes to every participant, stored once. Rows written before that column existed keep
+# their frame in ``request``.
 tasks = Table(
     "coord_tasks",
     metadata,
@@ -135,12 +141,30 @@ tasks = Table(
     Column("deadline_at", DateTime(timezone=True), nullable=False),
     Column("deliveries", Integer, nullable=False, default=0),
     Column("last_delivered_at", DateTime(timezone=True)),
+    Column("request_frame", String(32)),
     UniqueConstraint("job_id", "seq", "attempt", name="uq_coord_tasks_job_seq_attempt"),
     Index("ix_coord_tasks_poll", "participant_id", "status", "created_at"),
 )
 
+# Request frames, each stored once: the tasks of a batch that carry identical bytes (a round's
+# FitIns with the global model) point to one row. ``frame_id`` is random (the coordinator finds
+# identical frames by comparing bytes; hashing 2.4 MB would cost more). Frames no pending task of
+# the job needs any more are deleted when the job queues new tasks, and all of a job's when it
+# finishes.
+frames = Table(
+    "coord_frames",
+    metadata,
+    Column("job_id", String(128), primary_key=True),
+    Column("frame_id", String(32), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 # A participant's reply to one task, stored once: a repeated submission of the same bytes gets
-# the stored acknowledgement back, other bytes are refused.
+# the stored acknowledgement back, other bytes are refused (``reply_sha256`` decides). ``reply`` is
+# empty when the process that queued the task received it: that process's job runner takes the
+# reply from memory (a crash there repeats the round anyway, see docs/runtime.md), so only the
+# digest needs to be durable.
 results = Table(
     "coord_results",
     metadata,
@@ -238,6 +262,21 @@ def _version(store: Store) -> int | None:
     return int(row[0]) if row else None
 
 
+# Nullable columns added to existing tables within this schema version: (table, column). A
+# database created before them gets them on the next start (``create_all`` adds only tables).
+_ADDED_COLUMNS = ((tasks, "request_frame"),)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    inspector = inspect(conn)
+    for table, name in _ADDED_COLUMNS:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        if name not in present:
+            column = table.c[name]
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+
+
 def create_coordinator_schema(store: Store) -> int:
     """Create (or confirm) the coordinator's tables; returns the version. Refuses a database whose
     coordinator schema has another version."""
@@ -252,6 +291,7 @@ def create_coordinator_schema(store: Store) -> int:
         )
     with store.begin() as conn:
         metadata.create_all(conn)
+        _add_missing_columns(conn)
         if version is None:
             conn.execute(
                 coord_meta.insert(),

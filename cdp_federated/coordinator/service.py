@@ -531,7 +531,8 @@ def create_app(
                 field="failure.participant",
                 fix="set Failure.participant to your own participant id",
             )
-        return coord.state.submit_result(participant_id, task_id, body).to_dict()
+        # the decoded reply goes along: the job runner then does not decode the frame again
+        return coord.state.submit_result(participant_id, task_id, body, decoded=reply).to_dict()
 
     @app.post(
         "/v1/participants/{participant_id}/tasks/{task_id}/result",

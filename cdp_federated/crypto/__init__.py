@@ -8,6 +8,9 @@
    (:mod:`cdp_federated.learning.vertical`).
 """
 
+# Secure aggregation's primitives (Shamir with commitments, ChaCha20 PRG, X25519 seeds) are
+# modules of their own: cdp_federated.crypto.shamir / .prg / .kex; the recipe is privacy.secagg.
+from . import kex, prg, shamir
 from .he import (
     BACKENDS,
     SCHEMES,
@@ -30,4 +33,7 @@ __all__ = [
     "load_public_key",
     "slot_capacity",
     "unpack_slots",
+    "kex",
+    "prg",
+    "shamir",
 ]

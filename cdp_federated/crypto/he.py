@@ -128,6 +128,14 @@ class HEPublicKey(ABC):
         ``codes`` is ``(rows, features)`` with values in ``[0, n_bins)``; each result has
         ``features * n_bins`` entries, feature-major. ``cumulative`` sums bins ``0..b`` instead."""
 
+    def weighted_sums(self, x: CipherVector, weights: np.ndarray) -> CipherVector:
+        """``out[j] = sum_i weights[i, j] * x[i]``: ciphertexts times a plaintext integer matrix of
+        shape ``(len(x), k)``. Each product is a modular exponentiation: keep weights small and
+        non-negative for speed (a negative weight costs a full-size exponent)."""
+        raise ConfigError(
+            "this HE backend has no weighted sums", field="backend", value=self.backend
+        )
+
     @abstractmethod
     def dumps(self, x: CipherVector) -> bytes:
         """Serialise a ciphertext vector (the backend's binary format, never pickle)."""

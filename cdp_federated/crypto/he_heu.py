@@ -146,6 +146,12 @@ class HeuPublicKey(HEPublicKey):
         width = order.shape[1] * n_bins
         return [self._wrap(s, width) for s in sums]
 
+    def weighted_sums(self, x: CipherVector, weights: np.ndarray) -> CipherVector:
+        self._check(x)
+        w = _weight_matrix(weights, x.length)
+        plain = self._hnp.array(np.ascontiguousarray(w.T), self._encoder)
+        return self._wrap(self._evaluator.matmul(plain, x.data), w.shape[1])
+
     def dumps(self, x: CipherVector) -> bytes:
         self._check(x)
         return bytes(x.data.serialize())
@@ -165,6 +171,13 @@ class HeuPublicKey(HEPublicKey):
                 fix=f"expected {length} ciphertexts",
             )
         return self._wrap(array, length)
+
+
+def _weight_matrix(weights: np.ndarray, rows: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=object)
+    if w.ndim != 2 or w.shape[0] != rows or w.shape[1] == 0:
+        raise ConfigError("weights must be a (len(x), k) matrix", field="weights", value=w.shape)
+    return w
 
 
 class HeuKeyPair(HEKeyPair):

@@ -72,6 +72,21 @@ class _IntVectorKey(HEPublicKey):
         self._check(b)
         return self._wrap([self._add1(u, v) for u, v in zip(a.data, b.data, strict=True)])
 
+    def weighted_sums(self, x: CipherVector, weights: np.ndarray) -> CipherVector:
+        self._check(x)
+        w = np.asarray(weights, dtype=object)
+        if w.ndim != 2 or w.shape[0] != x.length or w.shape[1] == 0:
+            raise ConfigError(
+                "weights must be a (len(x), k) matrix", field="weights", value=w.shape
+            )
+        out = []
+        for j in range(w.shape[1]):
+            acc = self._zero()
+            for c, k in zip(x.data, w[:, j], strict=True):
+                acc = self._add1(acc, self._mul1(c, int(k)))
+            out.append(acc)
+        return self._wrap(out)
+
     def dumps(self, x: CipherVector) -> bytes:
         self._check(x)
         return b"".join(self._to_bytes1(c) for c in x.data)
@@ -93,6 +108,9 @@ class _IntVectorKey(HEPublicKey):
         raise NotImplementedError
 
     def _add1(self, a: int, b: int) -> int:
+        raise NotImplementedError
+
+    def _mul1(self, c: int, k: int) -> int:
         raise NotImplementedError
 
     def _to_bytes1(self, c: int) -> bytes:
@@ -165,6 +183,9 @@ class PhePublicKey(_IntVectorKey):
     def _add1(self, a: int, b: int) -> int:
         return a * b % self.nsquare
 
+    def _mul1(self, c: int, k: int) -> int:
+        return pow(c, k % self.n, self.nsquare)
+
     def _to_bytes1(self, c: int) -> bytes:
         return c.to_bytes(self.width, "big")
 
@@ -236,6 +257,9 @@ class PlainPublicKey(_IntVectorKey):
 
     def _add1(self, a: int, b: int) -> int:
         return a + b
+
+    def _mul1(self, c: int, k: int) -> int:
+        return c * k
 
     def _to_bytes1(self, c: int) -> bytes:
         return c.to_bytes(self.width, "big", signed=True)

@@ -12,6 +12,8 @@ The federation layer knows no algorithm: the fields below say what travels, not 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -25,6 +27,7 @@ __all__ = [
     "StatsIns",
     "StatsRes",
     "FitIns",
+    "setup_digest",
     "FitRes",
     "EvaluateIns",
     "EvaluateRes",
@@ -38,6 +41,11 @@ __all__ = [
     "GBMHistogramRes",
     "GBMEvaluateIns",
     "GBMEvaluateRes",
+    "QuantisedFitRes",
+    "SparseFitRes",
+    "SecAggIns",
+    "SecAggRes",
+    "SecAggShare",
 ]
 
 # Array dtype kinds a field may declare: floats, or integer counts (signed or unsigned), or bools.
@@ -145,7 +153,7 @@ class StatsRes(Message):
 
 @register(
     "fit_ins",
-    version=1,
+    version=2,
     arrays={"parameters": FLOAT, "mean": FLOAT, "scale": FLOAT, "preconditioner": FLOAT},
 )
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -155,6 +163,13 @@ class FitIns(Message):
     Features are standardised as ``(x - mean) / scale`` first. ``preconditioner`` is a square
     matrix applied to local gradients (empty: plain gradient steps). ``config`` holds the task's
     scalar settings (learning rate, local steps, regularisation...).
+
+    ``setup`` names the job's *setup* (the job spec, mean, scale and preconditioner, which do not
+    change between rounds) by :func:`setup_digest`. A *full* request carries all of them and
+    ``setup`` (the participant keeps them under that name); a *short* one carries only
+    ``{"job_id": ...}`` as ``job``, empty ``mean``/``scale``/``preconditioner`` and ``setup``, and
+    a participant that does not hold that setup (it restarted) fails with ``SetupRequiredError``
+    so the coordinator sends the full request again. ``setup=""``: a full request, not kept.
     """
 
     job: dict[str, Any]
@@ -164,6 +179,26 @@ class FitIns(Message):
     scale: np.ndarray
     config: dict[str, Any]
     preconditioner: np.ndarray = dataclasses.field(default_factory=_empty)
+    setup: str = ""
+
+    @property
+    def is_short(self) -> bool:
+        """Whether the setup is left out (to be taken from the participant's cache)."""
+        return bool(self.setup) and not self.mean.size
+
+
+def setup_digest(
+    job: Mapping[str, Any], mean: np.ndarray, scale: np.ndarray, preconditioner: np.ndarray
+) -> str:
+    """Name of a job's setup: SHA-256 over the canonical JSON of the job spec and the arrays'
+    float64 little-endian bytes and shapes. Both sides compute it, so a participant can check
+    that a full request's setup is the one it names."""
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True, separators=(",", ":")).encode())
+    for array in (mean, scale, preconditioner):
+        array = np.ascontiguousarray(array, dtype="<f8")
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 @register("fit_res", version=1, arrays={"parameters": FLOAT})
@@ -412,3 +447,94 @@ class GBMEvaluateRes(Message):
     label_sum: float
     positives: np.ndarray
     negatives: np.ndarray
+
+
+# --- Compressed training updates (privacy/compression.py) ----------------------------------------
+
+
+@register("quantised_fit_res", version=1, arrays={"codes": INTEGER, "scales": FLOAT})
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantisedFitRes(Message):
+    """A :class:`FitRes` whose update (local minus global parameters, ``size`` coordinates) is
+    quantised to ``bits`` (8, or 4 packed two per byte) in ``codes`` (uint8), with one float32
+    scale per ``block`` coordinates in ``scales``."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    bits: int
+    block: int
+    size: int
+    num_examples: int
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@register("sparse_fit_res", version=1, arrays={"indices": INTEGER, "values": FLOAT})
+@dataclasses.dataclass(frozen=True, eq=False)
+class SparseFitRes(Message):
+    """A :class:`FitRes` whose update (``size`` coordinates) is sparse: ``values`` (float32) at
+    ``indices`` (int32), zero elsewhere."""
+
+    indices: np.ndarray
+    values: np.ndarray
+    size: int
+    num_examples: int
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# --- Secure aggregation (privacy/secagg.py; participant/secagg_tasks.py) ------------------------
+
+
+@register("secagg_ins", version=1, arrays={"keys": INTEGER, "inner": INTEGER})
+@dataclasses.dataclass(frozen=True, eq=False)
+class SecAggIns(Message):
+    """One stage of secure aggregation ``session`` of ``job_id``. ``stage`` is ``advertise``
+    (``inner``: the encoded task whose result is aggregated, uint8), ``share`` (``names``: the
+    roster, ``keys``: their public keys, uint8 (n, 32)), ``mask`` (``names``: who shared keys)
+    or ``unmask`` (``names``: who sent masked inputs). ``config``: the ring encoder's settings."""
+
+    job_id: str
+    session: str
+    stage: str
+    threshold: int
+    names: list[str] = dataclasses.field(default_factory=list)
+    keys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    inner: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@register(
+    "secagg_res",
+    version=1,
+    arrays={"public_key": INTEGER, "commitments": INTEGER, "masked": INTEGER, "reveals": INTEGER},
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class SecAggRes(Message):
+    """A participant's answer to one :class:`SecAggIns` stage: its ``public_key`` and the
+    ``layout`` of its input (advertise), the dealer's ``commitments`` (share: uint8 (2, n, 32),
+    self-mask seed then private key), its ``masked`` input (mask: uint32/uint64), or its
+    ``reveals`` (unmask: uint8 (k, 82) share and salt, about ``owners`` of ``kinds`` at ``x``)."""
+
+    session: str
+    stage: str
+    public_key: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    layout: list[str] = dataclasses.field(default_factory=list)
+    commitments: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    masked: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint32))
+    owners: list[str] = dataclasses.field(default_factory=list)
+    kinds: list[str] = dataclasses.field(default_factory=list)
+    x: list[int] = dataclasses.field(default_factory=list)
+    reveals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+
+
+@register("secagg_share", version=1, arrays={"shares": INTEGER})
+@dataclasses.dataclass(frozen=True, eq=False)
+class SecAggShare(Message):
+    """What ``owner`` deals ``holder`` in ``session``, sealed in a relay envelope: its Shamir
+    shares at point ``x`` of its self-mask seed and of its private key (uint8 (2, 82): share
+    then salt)."""
+
+    session: str
+    owner: str
+    holder: str
+    x: int
+    shares: np.ndarray

@@ -18,10 +18,12 @@ The rules, in the order they are reported (each named after the policy field tha
 ``features.label``                    the label is neither forbidden nor built-in PII
 ``identity.methods``                  the identity method is permitted; never salted_hash across
                                       organisations
-``privacy.secure_aggregation``        secure aggregation when required
+``privacy.secure_aggregation``        secure aggregation when required (the job's
+                                      ``params.secure_aggregation`` or the context)
 ``privacy.dp.epsilon_per_run``        DP when the policy requires it, within epsilon and delta
 ``privacy.dp.budget``                 spent + this job's epsilon within the window's budget
 ``minimums.rows_per_party``           enough rows (when the participant has counted them)
+``minimums.participants_per_round``   the job's round settings cannot aggregate fewer
 ``outputs.uses``                      the model's declared use is permitted
 ====================================  ==========================================================
 """
@@ -374,11 +376,16 @@ def _identity(policy: Policy, job: JobSpec, ctx: DecisionContext) -> Reason:
     return Reason(rule, True, f"identity method {method} is allowed")
 
 
+def _uses_secure_aggregation(job: JobSpec, ctx: DecisionContext) -> bool:
+    return ctx.secure_aggregation or job.params.get("secure_aggregation") not in (None, False)
+
+
 def _secure_aggregation(policy: Policy, job: JobSpec, ctx: DecisionContext) -> Reason:
     rule, setting = "privacy.secure_aggregation", policy.privacy.secure_aggregation
-    if setting == "required" and not ctx.secure_aggregation:
+    uses = _uses_secure_aggregation(job, ctx)
+    if setting == "required" and not uses:
         return Reason(rule, False, "secure aggregation is required but the job does not use it")
-    used = "uses" if ctx.secure_aggregation else "does not use"
+    used = "uses" if uses else "does not use"
     return Reason(rule, True, f"secure aggregation is {setting}; the job {used} it")
 
 
@@ -440,6 +447,41 @@ def _rows(policy: Policy, job: JobSpec, ctx: DecisionContext) -> Reason:
     return Reason(rule, True, f"{ctx.rows_available} rows >= minimum {minimum}")
 
 
+def _round_size(policy: Policy, job: JobSpec, ctx: DecisionContext) -> Reason:
+    """What the job declares about its smallest round; the participant enforces the roster size
+    itself under secure aggregation (``SecAggTasks(min_participants=...)``)."""
+    rule, minimum = "minimums.participants_per_round", policy.minimums.participants_per_round
+    if minimum is None:
+        return Reason(rule, True, "the policy sets no minimum number of participants per round")
+    params, problems = job.params, []
+    partners = _job_partners(ctx)
+    if len(partners) < minimum:
+        problems.append(f"the job has {len(partners)} participants")
+    for key in ("min_fit_participants", "clients_per_round"):
+        value = params.get(key)
+        if isinstance(value, int) and value < minimum:
+            problems.append(f"params.{key} is {value}")
+    secagg = params.get("secure_aggregation")
+    threshold = secagg.get("threshold") if isinstance(secagg, Mapping) else None
+    if isinstance(threshold, int) and threshold < minimum:
+        problems.append(f"the secure-aggregation threshold is {threshold}")
+    fraction, floor = params.get("fraction_fit", 1), params.get("min_fit_participants")
+    if (
+        isinstance(fraction, int | float)
+        and fraction < 1
+        and not (isinstance(floor, int) and floor >= minimum)
+    ):
+        problems.append(
+            f"participants are sampled (fraction_fit {fraction}) with no "
+            f"params.min_fit_participants >= {minimum}"
+        )
+    if problems:
+        return Reason(
+            rule, False, f"a round may aggregate fewer than {minimum}: {'; '.join(problems)}"
+        )
+    return Reason(rule, True, f"every round aggregates at least {minimum} participants")
+
+
 def _output(policy: Policy, job: JobSpec, ctx: DecisionContext) -> Reason:
     rule, uses = "outputs.uses", policy.outputs.uses
     if ctx.output_use is None:
@@ -467,6 +509,7 @@ _RULES: tuple[Callable[[Policy, JobSpec, DecisionContext], Reason], ...] = (
     _dp,
     _budget,
     _rows,
+    _round_size,
     _output,
 )
 

@@ -128,6 +128,7 @@ class Residency:
 class Minimums:
     rows_per_party: int
     cohort_size: int
+    participants_per_round: int | None = None
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,11 @@ def _build(data: Mapping[str, Any], source: str) -> Policy:
         residency=Residency(
             tuple(doc["residency"]["data_regions"]), tuple(doc["residency"]["coordinator_regions"])
         ),
-        minimums=Minimums(doc["minimums"]["rows_per_party"], doc["minimums"]["cohort_size"]),
+        minimums=Minimums(
+            doc["minimums"]["rows_per_party"],
+            doc["minimums"]["cohort_size"],
+            doc["minimums"].get("participants_per_round"),
+        ),
         identity=IdentitySettings(tuple(doc["identity"]["methods"])),
         privacy=PrivacySettings(
             privacy["secure_aggregation"],

@@ -332,6 +332,12 @@ def normalise_document(data: Mapping[str, Any]) -> dict[str, Any]:
         "minimums": {
             "rows_per_party": int(data["minimums"]["rows_per_party"]),
             "cohort_size": int(data["minimums"]["cohort_size"]),
+            # only when set, so the hashes of policies without it stay what they were
+            **(
+                {"participants_per_round": int(data["minimums"]["participants_per_round"])}
+                if data["minimums"].get("participants_per_round") is not None
+                else {}
+            ),
         },
         "identity": {"methods": _sorted(data["identity"]["methods"])},
         "privacy": {

@@ -298,7 +298,8 @@ def prox_thresholds(
 
 
 def _is_diagonal(matrix: np.ndarray) -> bool:
-    return not np.count_nonzero(matrix - np.diag(np.diagonal(matrix)))
+    # Every nonzero entry on the diagonal; two counts, no matrix-sized temporary.
+    return int(np.count_nonzero(matrix)) == int(np.count_nonzero(np.diagonal(matrix)))
 
 
 def local_fit(

@@ -27,18 +27,18 @@ import pluggy
 import polars as pl
 
 from ..connector import PROFILE_ID
-from ..errors import NoTrainingDataError, SchemaMismatchError, TrainingError
+from ..errors import NoTrainingDataError, SchemaMismatchError, SetupRequiredError, TrainingError
 from ..federation.messages import (
     EvaluateIns,
     EvaluateRes,
     FitIns,
-    FitRes,
     Message,
     PersonalizeIns,
     PersonalizeRes,
     RegressionEvaluateRes,
     StatsIns,
     StatsRes,
+    setup_digest,
 )
 from ..jobs import JobSpec
 from ..learning import linear
@@ -49,6 +49,9 @@ from ..learning.metrics import (
     score_histograms,
 )
 from ..learning.rounds import validation_fraction, validation_mask, validation_secret
+from ..privacy.compression import ErrorFeedback, compress_fit
+from ..privacy.dp_fedavg import clip_update
+from ..privacy.dp_local import local_fit_for
 from .gbm_tasks import GBM_REQUESTS, gbm_objective, serve_gbm
 from .pipeline import check_policy
 
@@ -64,6 +67,17 @@ SPLITS = ("train", "test", "validation")
 PERSONAL_BINS = 1000  # score bins of a participant's own personalisation report
 _COLUMN_BATCH = 8  # feature columns read per pass of a source into the matrix
 _LABEL, _ID, _ORDER = "__cdp_label__", "__cdp_profile_id__", "__cdp_row_order__"
+_KEPT_SETUPS = 4  # job setups kept for short fit requests (a few jobs' worth; memory only)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a job's fit requests share and a short request leaves out (see ``FitIns.setup``)."""
+
+    job: JobSpec
+    mean: np.ndarray
+    scale: np.ndarray
+    preconditioner: np.ndarray
 
 
 @dataclass
@@ -98,8 +112,12 @@ class ParticipantAgent:
         self.consent_gate = consent_gate
         self.revoked: dict[str, int] = {}
         self.personalised: dict[str, np.ndarray] = {}  # job id -> fine-tuned local model
+        # Top-k residuals per job (params.compression): memory only, a restart starts from zero.
+        self.error_feedback = ErrorFeedback()
         self._current_job: JobSpec | None = None
         self._data: dict[str, _LocalData] = {}
+        # Setups of full fit requests by digest; lost on restart (then SetupRequiredError).
+        self._setups: dict[str, _Setup] = {}
 
     def handle(self, message: Message) -> Message:
         """Answer one request. Errors propagate; the transport turns them into ``Failure``."""
@@ -134,27 +152,28 @@ class ParticipantAgent:
             count, sums, scatter, label_positives=label_sum, label_scatter=label_scatter
         )
 
-    def _fit(self, message: FitIns) -> FitRes:
-        job = self._job(message.job)
+    def _fit(self, message: FitIns) -> Message:
+        setup = self._fit_setup(message)
+        job = setup.job
         data = self._gated(job, "train")
-        precond = self._checked_preconditioner(message, data.x.shape[1])
+        precond = self._checked_preconditioner(message.parameters, setup, data.x.shape[1])
         config = message.config
         objective, pen, mu = self._problem(job, config)
         steps = int(self._positive(config, "local_steps", integer=True, default=1))
         rate = float(self._positive(config, "learning_rate", default=1.0))
         if precond is None:  # plain gradient steps: scale the rate by this party's curvature
-            key = message.mean.tobytes() + message.scale.tobytes() + repr((pen, mu)).encode()
+            key = setup.mean.tobytes() + setup.scale.tobytes() + repr((pen, mu)).encode()
             if key not in data.lipschitz:
                 data.lipschitz[key] = linear.local_curvature(
-                    data.x, message.mean, message.scale, objective=objective, penalty=pen, mu=mu
+                    data.x, setup.mean, setup.scale, objective=objective, penalty=pen, mu=mu
                 )
             rate = rate / data.lipschitz[key]
-        theta, loss = linear.local_fit(
+        theta, loss = local_fit_for(job.params, job.rounds)(  # DP-SGD when params.dp_local
             message.parameters,
             data.x,
             self._training_labels(data, objective, config),
-            message.mean,
-            message.scale,
+            setup.mean,
+            setup.scale,
             objective=objective,
             penalty=pen,
             steps=steps,
@@ -173,11 +192,24 @@ class ParticipantAgent:
         metrics: dict[str, float] = {"loss": loss}
         if validation_fraction(job.params) > 0:  # loss of the incoming model on held-out rows
             held = self._gated(job, "validation")
-            s = linear.scores(held.x, message.parameters, message.mean, message.scale)
+            s = linear.scores(held.x, message.parameters, setup.mean, setup.scale)
             losses = linear.row_losses(s, self._training_labels(held, objective, config), objective)
             metrics["val_loss_sum"] = float(losses.sum(dtype=np.float64))
             metrics["val_count"] = int(held.x.shape[0])
-        return FitRes(theta, num_examples=int(data.x.shape[0]), metrics=metrics)
+        theta, metrics = clip_update(  # DP: clipped update, no per-party loss
+            config, message.parameters, theta, metrics, job_params=job.params
+        )
+        # A FitRes, or the update local - global compressed as params.compression says.
+        return compress_fit(
+            job.job_id,
+            job.params,
+            config,
+            message.parameters,
+            theta,
+            int(data.x.shape[0]),
+            metrics,
+            self.error_feedback,
+        )
 
     def _evaluate(self, message: EvaluateIns) -> EvaluateRes | RegressionEvaluateRes:
         job = self._job(message.job)
@@ -195,7 +227,7 @@ class ParticipantAgent:
         """Fine-tune the global model locally, keep it, and report aggregate test metrics of both."""
         job = self._job(message.job)
         data = self._gated(job, "train")
-        precond = self._checked_preconditioner(message, data.x.shape[1])
+        precond = self._checked_preconditioner(message.parameters, message, data.x.shape[1])
         if message.steps < 1:
             raise TrainingError("steps must be positive", field="steps", value=message.steps)
         config = message.config
@@ -284,10 +316,10 @@ class ParticipantAgent:
         return data.scaled_y[key]
 
     def _checked_preconditioner(
-        self, message: FitIns | PersonalizeIns, d: int
+        self, parameters: np.ndarray, setup: _Setup | PersonalizeIns, d: int
     ) -> np.ndarray | None:
-        self._check_shapes(message.parameters, message.mean, message.scale, d)
-        precond = message.preconditioner
+        self._check_shapes(parameters, setup.mean, setup.scale, d)
+        precond = setup.preconditioner
         if not precond.size:
             return None
         if precond.shape != (d + 1, d + 1):
@@ -317,6 +349,39 @@ class ParticipantAgent:
 
     # --- local data ------------------------------------------------------------------------------
 
+    def _fit_setup(self, message: FitIns) -> _Setup:
+        """The job and standardisation a fit request trains under: its own (a full request,
+        kept under its digest when it names one) or, for a short request, the kept setup."""
+        if message.is_short:
+            setup = self._setups.get(message.setup)
+            if setup is None or setup.job.job_id != message.job.get("job_id"):
+                raise SetupRequiredError(
+                    f"participant {self.name!r} does not hold the setup of job "
+                    f"{message.job.get('job_id')!r} (it restarted or never received it)",
+                    field="setup",
+                    value=message.setup[:16],
+                    fix="send the full fit request; the coordinator does so by itself",
+                )
+            self._enter(setup.job)  # governance again should the agent have served another job
+            return setup
+        job = self._job(message.job)
+        setup = _Setup(job, message.mean, message.scale, message.preconditioner)
+        if message.setup:
+            if message.setup != setup_digest(
+                message.job, message.mean, message.scale, message.preconditioner
+            ):
+                raise TrainingError(
+                    f"participant {self.name!r}: the fit request's setup does not match its name",
+                    field="setup",
+                    value=message.setup[:16],
+                    fix="name a setup by federation.messages.setup_digest of what it carries",
+                )
+            self._setups.pop(message.setup, None)
+            self._setups[message.setup] = setup
+            while len(self._setups) > _KEPT_SETUPS:  # the oldest first
+                self._setups.pop(next(iter(self._setups)))
+        return setup
+
     def _job(self, raw: dict) -> JobSpec:
         try:
             job = JobSpec.from_dict(raw)
@@ -326,9 +391,13 @@ class ParticipantAgent:
                 field="job",
                 fix="send JobSpec.to_dict()",
             ) from exc
+        return self._enter(job)
+
+    def _enter(self, job: JobSpec) -> JobSpec:
+        """Make ``job`` the current one, checking governance when it changes."""
         # The whole spec, not just its id: a job whose features or params change under the same
         # id is a new job, so it is re-checked by governance and its rows are re-read.
-        if job != self._current_job:
+        if job is not self._current_job and job != self._current_job:
             if self.pm is not None:
                 check_policy(self.pm, job, self.name)  # governance first: before any row is read
             self._current_job = job
@@ -467,6 +536,10 @@ class ParticipantAgent:
         # float64 copy of a float32 job). A lazy source is read once per batch (a Parquet scan
         # reads only the batch's columns); should its rows come back in another order (a
         # multi-threaded join), the whole frame is read once instead.
+        if not lazy:  # column by column: no query plan per batch, no copy of a float column
+            for j, col in enumerate(features):
+                x[:, j] = frame.get_column(col).cast(polars_type).to_numpy()
+            return self._finish_load(x, y, ids, job, split, train_fill)
         for start in range(0, len(features), _COLUMN_BATCH):
             batch = features[start : start + _COLUMN_BATCH]
             wanted = [pl.col(c).cast(polars_type) for c in batch]
@@ -537,8 +610,11 @@ class ParticipantAgent:
         """Refuse non-finite features, or impute missing ones in place (column by column, no
         matrix-sized temporaries); returns the fill values."""
         impute = _imputes(job)
-        infinite = np.array([np.isinf(x[:, j]).sum() for j in range(x.shape[1])], dtype=np.int64)
-        missing = np.array([np.isnan(x[:, j]).sum() for j in range(x.shape[1])], dtype=np.int64)
+        if np.isfinite(x.sum(axis=0, dtype=np.float64)).all():  # NaN and Inf would propagate
+            infinite = missing = np.zeros(x.shape[1], dtype=np.int64)
+        else:  # which columns and how many (a finite matrix lands here only if a sum overflows)
+            infinite = np.array([np.isinf(x[:, j]).sum() for j in range(x.shape[1])], np.int64)
+            missing = np.array([np.isnan(x[:, j]).sum() for j in range(x.shape[1])], np.int64)
         bad = infinite + (0 if impute else missing)
         if bad.any():
             counts = {f: int(n) for f, n in zip(features, bad, strict=True) if n}

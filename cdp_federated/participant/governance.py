@@ -28,6 +28,7 @@ from ..governance.budget import BudgetLedger
 from ..governance.engine import DecisionContext, PolicyDecision, evaluate
 from ..governance.policy import ConsentRule, Policy
 from ..jobs import JobSpec
+from ..privacy.dp_fedavg import job_privacy_spend
 
 __all__ = ["LocalGovernance", "decision_context"]
 
@@ -56,7 +57,10 @@ class LocalGovernance:
         """Evaluate the job; record the decision; on deny record the refusal, sign the log and
         raise :class:`~cdp_federated.errors.PolicyViolation` with every failed rule."""
         context = replace(
-            self.context, rows_available=rows_available, budget_spent=self._budget_spent()
+            self.context,
+            rows_available=rows_available,
+            budget_spent=self._budget_spent(),
+            **_job_dp(job),
         )
         decision = evaluate(self.policy, job, context)
         self.audit.append(POLICY_DECISION, decision.to_dict() | {"stage": stage})
@@ -88,7 +92,9 @@ class LocalGovernance:
 
     def job_started(self, job: JobSpec) -> None:
         """Charge the job's epsilon (when it declares DP and a ledger is kept), then record it."""
-        epsilon, delta = self.context.dp_epsilon, self.context.dp_delta
+        dp = _job_dp(job)
+        epsilon = dp.get("dp_epsilon", self.context.dp_epsilon)
+        delta = dp.get("dp_delta", self.context.dp_delta)
         if self.budget is not None and epsilon is not None:
             source = self.source or self.participant
             try:
@@ -181,6 +187,14 @@ class LocalGovernance:
             "head": checkpoint.head_hash,
             "key_id": checkpoint.key_id,
         }
+
+
+def _job_dp(job: JobSpec) -> dict[str, float]:
+    """The DP spend of a job, computed here from its own spec (noise, rounds, sampling rate,
+    delta) so the participant never relies on a figure the coordinator states; empty for a job
+    without DP (the context's ``dp_epsilon`` then stands, as for jobs from a file)."""
+    spend = job_privacy_spend(job)
+    return {} if spend is None else {"dp_epsilon": spend.epsilon, "dp_delta": spend.delta}
 
 
 def decision_context(

@@ -13,6 +13,11 @@ transport makes it, so a job runs identically on both transports. Network errors
 with exponential backoff and jitter (from :mod:`secrets`); the token is refreshed once two
 thirds of its lifetime passed; the loop stops when ``stop`` is set, or with ``once`` after the
 first job it served finished.
+
+The agent is wrapped in :class:`~.secagg_tasks.SecAggTasks`, so a job with
+``params.secure_aggregation`` gets masked inputs from this process: its share packets travel
+sealed through the coordinator's relay under the participant's long-term relay key
+(``relay_key``, created on first start, its public half published per job).
 """
 
 from __future__ import annotations
@@ -45,9 +50,12 @@ from ..errors import (
     TransportError,
 )
 from ..federation.codec import Codec
+from ..federation.envelope import RelayKeyPair
 from ..federation.messages import Failure, Message
+from ..federation.relay import RelayChannel
 from ..federation.transport import stage_of
 from ..governance.audit import AuditLog
+from ..governance.budget import BudgetLedger
 from ..governance.policy import Policy, load_policy
 from ..jobs import JobSpec
 from ..store import Store, open_store
@@ -55,6 +63,8 @@ from .agent import ParticipantAgent
 from .governance import LocalGovernance, decision_context
 from .http_client import CoordinatorClient, Task, TokenInfo
 from .pipeline import Funnel, check_policy, load_consented, split_train_test
+from .relay import http_relay_channel
+from .secagg_tasks import SecAggTasks
 
 __all__ = [
     "ClientConfig",
@@ -66,6 +76,7 @@ __all__ = [
     "Backoff",
     "serve_tasks",
     "run_participant",
+    "relay_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,7 +124,10 @@ class ParticipantConfig(ClientConfig):
     job supplies ``features`` and ``label``, which must be among the connector's ``features``
     when it lists them). ``store`` is this participant's own database (consent ledger, audit
     log); ``policy`` its policy YAML; ``audit_key`` its audit signing key (created when absent);
-    ``consent_at`` the time consent is evaluated at (default: now, at each round).
+    ``consent_at`` the time consent is evaluated at (default: now, at each round);
+    ``relay_key`` its X25519 relay key file for secure aggregation (created, mode 0600, when
+    absent; default: ``<participant_id>-relay.pem`` next to ``token_file``, else next to
+    ``audit_key``).
     """
 
     participant_id: str
@@ -125,6 +139,13 @@ class ParticipantConfig(ClientConfig):
     partners: list[str] | None = None
     output_use: str | None = "scoring"
     poll_wait_seconds: float = 20.0
+    relay_key: str | None = None
+
+    def relay_key_path(self) -> Path:
+        if self.relay_key:
+            return self.path(self.relay_key)
+        beside = self.path(self.token_file or self.audit_key).parent
+        return beside / f"{self.participant_id}-relay.pem"
 
     def db_url(self, value: str) -> str:
         """A database URL; a bare path (SQLite) is relative to the config file."""
@@ -212,7 +233,9 @@ class LocalPipeline:
         if self.name not in partners:
             partners = [*partners, self.name]
         context = decision_context(self.policy, self.name, partners, self.at(), self.output_use)
-        return LocalGovernance(self.policy, self._audit, context)
+        # A DP job's epsilon (computed from its spec) is checked and charged to this store's ledger.
+        ledger = BudgetLedger(self.store)
+        return LocalGovernance(self.policy, self._audit, context, budget=ledger, source=self.name)
 
     def _connector_config(self, job: JobSpec) -> ConnectorConfig:
         declared = self.connector.get("features")
@@ -439,6 +462,35 @@ def _finished_jobs(
 # --- the process ---------------------------------------------------------------------------------
 
 
+def relay_keys(path: Path) -> RelayKeyPair:
+    """The participant's long-term relay key pair: read from ``path``, or generated and saved
+    there (mode 0600) on first use. A key file readable by others is refused, not replaced."""
+    if path.exists() or path.is_symlink():
+        return RelayKeyPair.load(path)
+    keys = RelayKeyPair.generate()
+    keys.save(path)
+    return keys
+
+
+class _RelayChannels:
+    """``channel_for(job_id)`` for :class:`SecAggTasks`: one channel per job (its sequence
+    numbers live in it), publishing the relay key on first use; :meth:`forget` when the job
+    ends."""
+
+    def __init__(self, client: CoordinatorClient, keys: RelayKeyPair) -> None:
+        self._client = client
+        self._keys = keys
+        self._channels: dict[str, RelayChannel] = {}
+
+    def __call__(self, job_id: str) -> RelayChannel:
+        if job_id not in self._channels:
+            self._channels[job_id] = http_relay_channel(self._client, job_id, self._keys)
+        return self._channels[job_id]
+
+    def forget(self, job_id: str) -> None:
+        self._channels.pop(job_id, None)
+
+
 def _save_token(path: Path, token: TokenInfo) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -533,10 +585,21 @@ def run_participant(
         config.participant_id, pipeline.provider, consent_gate=pipeline.consent_gate
     )
     token_path = config.path(config.token_file) if config.token_file else None
+    keys = relay_keys(config.relay_key_path())  # a bad key file fails before enrolment
     client = connect(config)
+    channels = _RelayChannels(client, keys)
+    policy = pipeline.policy  # enforced on the wire too: no clear update, no too-small round
+    tasks = SecAggTasks(
+        config.participant_id,
+        agent.handle,
+        channels,
+        require_secure=policy.privacy.secure_aggregation == "required",
+        min_participants=policy.minimums.participants_per_round or 0,
+    )
     audit: dict[str, Any] = {}
 
     def finished(job_id: str, status: str) -> None:
+        channels.forget(job_id)
         summary = pipeline.close_job()
         if summary is not None:
             audit[job_id] = summary
@@ -547,7 +610,7 @@ def run_participant(
         stats = serve_tasks(
             client,
             config.participant_id,
-            agent.handle,
+            tasks.handle,
             stop=stop,
             once=once,
             poll_wait=config.poll_wait_seconds,

@@ -232,6 +232,18 @@ def test_nan_in_fitins_is_refused_at_decode_and_encode():
         encode(dataclasses.replace(ins, parameters=np.array([np.nan, 0.0])))
 
 
+def test_huge_finite_floats_pass_although_their_sum_overflows():
+    # Finite values whose sum overflows are still finite: the check must not refuse them.
+    big = np.array([1e308, 1e308, -1e308], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(big.sum())
+    np.testing.assert_array_equal(decode(encode(FitRes(big, num_examples=1))).parameters, big)
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        encode(FitRes(np.array([1e308, 1e308, np.nan]), num_examples=1))
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        encode(FitRes(np.array([np.inf, -np.inf], dtype=np.float32), num_examples=1))
+
+
 def test_bool_bytes_other_than_zero_or_one_are_refused():
     frame = BLOB_CODEC.encode(Blob(data=np.array([True, False])))
     with pytest.raises(CodecError, match="bool"):

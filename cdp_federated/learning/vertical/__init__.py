@@ -6,6 +6,12 @@ labels and the HE secret key. See ``docs/vertical.md`` for the protocol and what
 
 from .active import ActiveParty
 from .channel import InProcessChannel, PartyChannel
+from .logreg import (
+    LogRegParams,
+    VerticalLogRegActive,
+    VerticalLogRegPassive,
+    fit_vertical_logreg,
+)
 from .messages import VERTICAL_CODEC, VERTICAL_MESSAGE_TYPES
 from .model import ActiveModel
 from .params import SecureBoostParams
@@ -20,4 +26,8 @@ __all__ = [
     "PartyChannel",
     "VERTICAL_CODEC",
     "VERTICAL_MESSAGE_TYPES",
+    "LogRegParams",
+    "VerticalLogRegActive",
+    "VerticalLogRegPassive",
+    "fit_vertical_logreg",
 ]

@@ -1,0 +1,104 @@
+"""``cdp-fl simulate horizontal --secure-aggregation [--dropout F]``: the same model as plain FedAvg
+within fixed-point error, dropouts after key sharing recovered, and the combinations it cannot
+serve refused with the option to change."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.cli_helpers import run
+
+PARTIES = ("a", "b", "c", "d", "e")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("secagg-parties")
+    rng = np.random.default_rng(8)
+    paths = {}
+    for i, name in enumerate((*PARTIES, "test")):
+        shift = 0.0 if name == "test" else (i - 2) * 0.3
+        x = rng.normal(shift, 1.0, size=(300, 6))
+        churn = (x[:, :3] @ np.array([1.0, -0.7, 0.4]) + rng.logistic(size=300) > 0).astype(int)
+        paths[name] = folder / f"{name}.csv"
+        pl.DataFrame({**{f"x{j}": x[:, j] for j in range(6)}, "churn": churn}).write_csv(
+            paths[name]
+        )
+    return paths
+
+
+def _simulate(monkeypatch, capsys, files, registry, *extra, parties=PARTIES):
+    args = [a for p in parties for a in ("--party", f"{p}={files[p]}")]
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "simulate",
+        "horizontal",
+        *args,
+        "--test",
+        str(files["test"]),
+        "--label",
+        "churn",
+        "--rounds",
+        "3",
+        "--registry",
+        str(registry),
+        "--json",
+        *extra,
+    )
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def _model(result) -> np.ndarray:
+    return np.array(json.loads(open(result["model_path"]).read())["parameters"]["coef"])
+
+
+def test_secure_aggregation_matches_plain_fedavg(monkeypatch, capsys, files, tmp_path):
+    code, plain, _ = _simulate(monkeypatch, capsys, files, tmp_path)
+    assert code == 0
+    code, secure, err = _simulate(monkeypatch, capsys, files, tmp_path, "--secure-aggregation")
+    assert code == 0, err
+    assert abs(secure["auc"] - plain["auc"]) <= 1e-3
+    assert abs(secure["logloss"] - plain["logloss"]) <= 1e-3
+    assert secure["secure_aggregation"] == {"participants": 5, "dropped": 0, "recovered": 0}
+    assert secure["bytes_sent"] > plain["bytes_sent"]  # keys, commitments, shares, 2^64 ring
+
+
+def test_dropouts_after_key_sharing_are_recovered(monkeypatch, capsys, files, tmp_path):
+    extra = ("--secure-aggregation", "--dropout", "0.4", "--seed", "3")
+    code, result, err = _simulate(monkeypatch, capsys, files, tmp_path, *extra)
+    assert code == 0, err
+    # 2 of 5 drop at the masked-input stage in each of the 3 rounds; the threshold 3 survives
+    assert result["secure_aggregation"] == {"participants": 5, "dropped": 6, "recovered": 6}
+    assert result["rounds"] == 3 and result["auc"] > 0.7
+    code, again, _ = _simulate(monkeypatch, capsys, files, tmp_path, *extra)
+    assert again["auc"] == result["auc"]  # --seed picks the same dropouts
+
+
+def test_dp_secure_aggregation_and_int8_compose(monkeypatch, capsys, files, tmp_path):
+    extra = ("--secure-aggregation", "--dp-noise", "0.5", "--dp-clip", "1.0", "--compress", "int8")
+    code, result, err = _simulate(monkeypatch, capsys, files, tmp_path, *extra)
+    assert code == 0, err
+    assert result["noise_multiplier"] == 0.5 and result["sampling_rate"] == 1.0
+    assert result["delta"] == 1e-5 and result["epsilon"] > 0
+    assert result["secure_aggregation"]["participants"] == 5
+    assert result["bytes_sent"] > 0 and 0.0 <= result["auc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        (("--dropout", "0.2"), "--dropout"),
+        (("--secure-aggregation", "--dropout", "0.6"), "--dropout"),
+        (("--secure-aggregation", "--dropout", "1.0"), "--dropout"),
+        (("--secure-aggregation", "--aggregation", "median"), "--aggregation"),
+        (("--secure-aggregation", "--model", "gbm"), "--secure-aggregation"),
+    ],
+)
+def test_unsupported_combinations_are_refused(monkeypatch, capsys, files, tmp_path, extra, option):
+    code, _, err = _simulate(monkeypatch, capsys, files, tmp_path, *extra)
+    assert code == 2 and option in err
