@@ -108,7 +108,23 @@ def no_op(message: Message) -> Message:
     return FitRes(parameters=message.parameters, num_examples=1)
 
 
+SHORT_FRAMES = True  # set from --frames: what run_horizontal sends after a job's first round
+
+
 def fit_requests(names: list[str], round_number: int, parameters: np.ndarray) -> dict[str, FitIns]:
+    if SHORT_FRAMES:  # FitIns v2 after the first round: the model and config, setup named only
+        return {
+            name: FitIns(
+                job={"job_id": JOB_ID},
+                round=round_number,
+                parameters=parameters,
+                mean=np.zeros(0),
+                scale=np.zeros(0),
+                config={},
+                setup="0" * 64,
+            )
+            for name in names
+        }
     features = np.zeros(parameters.size - 1)
     return {
         name: FitIns(
@@ -301,6 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "store": "sqlite",
         "participants_as": "processes" if args.processes else "threads",
         "http_parser": http_parser(args.http),
+        "frames": args.frames,
         "goal_overhead_median_ms": 50.0,
         "goal_met": min(m["overhead"]["median_ms"] for m in modes.values()) < 50.0,
         **modes,
@@ -357,11 +374,20 @@ def main() -> None:
         default="sequential,concurrent",
         help="comma-separated modes to time (sequential, concurrent)",
     )
+    parser.add_argument(
+        "--frames",
+        choices=("short", "full"),
+        default="short",
+        help="short: FitIns as sent after a job's first round (model only); full: with the "
+        "job's mean and scale (the first round, or FitIns v1)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("URL", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    global SHORT_FRAMES
+    SHORT_FRAMES = args.frames == "short"
     print(json.dumps(run(args), indent=2))
 
 
