@@ -36,6 +36,7 @@ RULES = (
     "privacy.dp.epsilon_per_run",
     "privacy.dp.budget",
     "minimums.rows_per_party",
+    "minimums.participants_per_round",
     "outputs.uses",
 )
 
