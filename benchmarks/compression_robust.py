@@ -38,13 +38,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from horizontal_accuracy import load_churn  # noqa: E402
+from horizontal_accuracy import churn_job, load_churn  # noqa: E402
 
 from cdp_federated.coordinator.runner import run_horizontal  # noqa: E402
 from cdp_federated.federation.codec import Codec  # noqa: E402
 from cdp_federated.federation.messages import FitIns, FitRes  # noqa: E402
 from cdp_federated.federation.transport import InProcessTransport  # noqa: E402
-from cdp_federated.jobs import JobSpec  # noqa: E402
 from cdp_federated.participant import ParticipantAgent  # noqa: E402
 from cdp_federated.privacy.compression import ErrorFeedback, compress_fit  # noqa: E402
 
@@ -114,16 +113,7 @@ def train_once(parties, test, features, args, *, params, attackers=(), attack=No
         handlers[name] = attacker(agent.handle, attack) if name in attackers else agent.handle
     counter = Bytes()
     transport = InProcessTransport(handlers, recorder=counter)
-    job = JobSpec(
-        job_id="compression-robust",
-        kind="horizontal",
-        model="logreg",
-        purpose="model_training",
-        features=tuple(features),
-        label="churn",
-        rounds=args.rounds,
-        params={"C": args.C, **params},
-    )
+    job = churn_job("compression-robust", features, args.rounds, args.C, params)
     result = run_horizontal(job, transport)
     scores = result.estimator.predict_proba(test[features])[:, 1]
     return float(roc_auc_score(test["churn"], scores)), counter

@@ -36,12 +36,11 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compression_robust import split_parties  # noqa: E402
-from horizontal_accuracy import load_churn  # noqa: E402
+from horizontal_accuracy import churn_handlers, churn_job, load_churn  # noqa: E402
 
 from cdp_federated.coordinator.runner import run_horizontal  # noqa: E402
 from cdp_federated.federation.transport import InProcessTransport  # noqa: E402
 from cdp_federated.jobs import JobSpec  # noqa: E402
-from cdp_federated.participant import ParticipantAgent  # noqa: E402
 from cdp_federated.privacy.dp_fedavg import job_privacy_spend  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0)
@@ -51,11 +50,7 @@ def train_gbm(parties, test, features, args, dp: dict) -> tuple[float, dict | No
     """Histogram GBM (binary) with DP noise on the summed histograms (privacy/dp_gbm.py)."""
     from cdp_federated.coordinator.gbm_runner import run_horizontal_gbm
 
-    handlers = {}
-    for name, rows in parties.items():
-        frames = {"train": pl.from_pandas(rows[[*features, "churn"]])}
-        frames["test"] = frames["train"].head(0)
-        handlers[name] = ParticipantAgent(name, lambda _job, split, f=frames: f[split]).handle
+    handlers = churn_handlers(parties, features)
     job = JobSpec(
         job_id="dp-utility-gbm",
         kind="horizontal",
@@ -74,21 +69,8 @@ def train_gbm(parties, test, features, args, dp: dict) -> tuple[float, dict | No
 
 
 def train_once(parties, test, features, args, dp: dict) -> tuple[float, dict | None]:
-    handlers = {}
-    for name, rows in parties.items():
-        frames = {"train": pl.from_pandas(rows[[*features, "churn"]])}
-        frames["test"] = frames["train"].head(0)
-        handlers[name] = ParticipantAgent(name, lambda _job, split, f=frames: f[split]).handle
-    job = JobSpec(
-        job_id="dp-utility",
-        kind="horizontal",
-        model="logreg",
-        purpose="model_training",
-        features=tuple(features),
-        label="churn",
-        rounds=args.rounds,
-        params={"C": args.C, **dp},
-    )
+    handlers = churn_handlers(parties, features)
+    job = churn_job("dp-utility", features, args.rounds, args.C, dp)
     result = run_horizontal(job, InProcessTransport(handlers))
     scores = result.estimator.predict_proba(test[features])[:, 1]
     spend = job_privacy_spend(job)

@@ -80,6 +80,31 @@ def load_churn() -> tuple[pd.DataFrame, list[str]]:
     return table, features
 
 
+def churn_handlers(parties, features: list[str]) -> dict:
+    """One in-process participant per party (a pandas frame of ``features`` and ``churn``); each
+    trains on all its rows (the test rows are scored centrally by the caller)."""
+    handlers = {}
+    for name, rows in parties.items():
+        frames = {"train": pl.from_pandas(rows[[*features, "churn"]])}
+        frames["test"] = frames["train"].head(0)
+        handlers[name] = ParticipantAgent(name, lambda _job, split, f=frames: f[split]).handle
+    return handlers
+
+
+def churn_job(job_id: str, features: list[str], rounds: int, c: float, params: dict) -> JobSpec:
+    """A horizontal logistic-regression job on the churn label."""
+    return JobSpec(
+        job_id=job_id,
+        kind="horizontal",
+        model="logreg",
+        purpose="model_training",
+        features=tuple(features),
+        label="churn",
+        rounds=rounds,
+        params={"C": c, **params},
+    )
+
+
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """Pooled mean and population std (1 for a constant column), as the federation computes."""
     mean, std = train.mean(axis=0), train.std(axis=0)

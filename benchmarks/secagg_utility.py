@@ -23,40 +23,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from horizontal_accuracy import load_churn  # noqa: E402
+from horizontal_accuracy import churn_handlers, churn_job, load_churn  # noqa: E402
 
 from cdp_federated.coordinator.runner import run_horizontal  # noqa: E402
 from cdp_federated.federation.transport import InProcessTransport  # noqa: E402
-from cdp_federated.jobs import JobSpec  # noqa: E402
-from cdp_federated.participant import ParticipantAgent  # noqa: E402
 from cdp_federated.participant.secagg_tasks import with_secure_aggregation  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0)
 
 
 def train_once(parties, test, features, args, params: dict):
-    handlers = {}
-    for name, rows in parties.items():
-        frames = {"train": pl.from_pandas(rows[[*features, "churn"]])}
-        frames["test"] = frames["train"].head(0)
-        handlers[name] = ParticipantAgent(name, lambda _job, split, f=frames: f[split]).handle
+    handlers = churn_handlers(parties, features)
     if params.get("secure_aggregation"):
         handlers = with_secure_aggregation(handlers)
-    job = JobSpec(
-        job_id="secagg-utility",
-        kind="horizontal",
-        model="logreg",
-        purpose="model_training",
-        features=tuple(features),
-        label="churn",
-        rounds=args.rounds,
-        params={"C": args.C, **params},
-    )
+    job = churn_job("secagg-utility", features, args.rounds, args.C, params)
     started = time.perf_counter()
     result = run_horizontal(job, InProcessTransport(handlers))
     seconds = time.perf_counter() - started
