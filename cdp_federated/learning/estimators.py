@@ -46,6 +46,36 @@ def _is_frame(X: Any) -> bool:
     return hasattr(X, "columns") and not isinstance(X, np.ndarray)  # pandas or polars
 
 
+def feature_matrix(
+    estimator: Any, X: Any, columns: list[str] | None = None, *, check_width: bool = True
+) -> np.ndarray:
+    """Float64 matrix of ``X`` for ``estimator``: frames are matched to ``columns`` (default: the
+    fitted ``feature_names_in_``) by name, extra columns ignored; the width is checked against
+    ``n_features_in_`` when ``check_width``; NaN/Inf refused."""
+    if _is_frame(X):
+        available = [str(c) for c in X.columns]
+        wanted = columns or list(getattr(estimator, "feature_names_in_", available))
+        missing = [c for c in wanted if c not in available]
+        if missing:
+            raise SchemaMismatchError(
+                f"input lacks the model's feature columns {missing}",
+                field="columns",
+                value=missing,
+                fix=f"pass a frame with columns {wanted}",
+            )
+        x = np.asarray(X[wanted].to_numpy(), dtype=np.float64)
+    else:
+        x = np.asarray(X, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-d input, got shape {x.shape}")
+    expected = getattr(estimator, "n_features_in_", x.shape[1]) if check_width else x.shape[1]
+    if x.shape[1] != expected:
+        raise ValueError(f"X has {x.shape[1]} features, the model expects {expected}")
+    if not np.isfinite(x).all():
+        raise ValueError("X contains NaN or Inf; impute or drop those rows first")
+    return x
+
+
 class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
     """Binary L2 logistic regression on standardised features.
 
@@ -150,30 +180,7 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
     def _as_matrix(
         self, X: Any, columns: list[str] | None = None, *, check_width: bool = True
     ) -> np.ndarray:
-        """Float64 matrix of ``X``; frames are matched to ``columns`` (default: the fitted
-        feature names) by name, extra columns are ignored."""
-        if _is_frame(X):
-            available = [str(c) for c in X.columns]
-            wanted = columns or list(getattr(self, "feature_names_in_", available))
-            missing = [c for c in wanted if c not in available]
-            if missing:
-                raise SchemaMismatchError(
-                    f"input lacks the model's feature columns {missing}",
-                    field="columns",
-                    value=missing,
-                    fix=f"pass a frame with columns {wanted}",
-                )
-            x = np.asarray(X[wanted].to_numpy(), dtype=np.float64)
-        else:
-            x = np.asarray(X, dtype=np.float64)
-        if x.ndim != 2:
-            raise ValueError(f"expected a 2-d input, got shape {x.shape}")
-        expected = getattr(self, "n_features_in_", x.shape[1]) if check_width else x.shape[1]
-        if x.shape[1] != expected:
-            raise ValueError(f"X has {x.shape[1]} features, the model expects {expected}")
-        if not np.isfinite(x).all():
-            raise ValueError("X contains NaN or Inf; impute or drop those rows first")
-        return x
+        return feature_matrix(self, X, columns, check_width=check_width)
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits of the positive class: ``((X - mean_) / scale_) @ coef_.T + intercept_``."""

@@ -14,7 +14,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ...errors import ModelFormatError, SchemaMismatchError
+from ...errors import ModelFormatError
+from ..estimators import feature_matrix
 from .binning import bin_edges, merge_sketches, sketch_columns
 from .boosting import fit_local
 from .draws import fresh_seed
@@ -185,28 +186,7 @@ class _FederatedGBM(BaseEstimator):
     def _as_matrix(
         self, X: Any, columns: list[str] | None = None, *, check_width: bool = True
     ) -> np.ndarray:
-        if _is_frame(X):
-            available = [str(c) for c in X.columns]
-            wanted = columns or list(getattr(self, "feature_names_in_", available))
-            missing = [c for c in wanted if c not in available]
-            if missing:
-                raise SchemaMismatchError(
-                    f"input lacks the model's feature columns {missing}",
-                    field="columns",
-                    value=missing,
-                    fix=f"pass a frame with columns {wanted}",
-                )
-            x = np.asarray(X[wanted].to_numpy(), dtype=np.float64)
-        else:
-            x = np.asarray(X, dtype=np.float64)
-        if x.ndim != 2:
-            raise ValueError(f"expected a 2-d input, got shape {x.shape}")
-        expected = getattr(self, "n_features_in_", x.shape[1]) if check_width else x.shape[1]
-        if x.shape[1] != expected:
-            raise ValueError(f"X has {x.shape[1]} features, the model expects {expected}")
-        if not np.isfinite(x).all():
-            raise ValueError("X contains NaN or Inf; impute or drop those rows first")
-        return x
+        return feature_matrix(self, X, columns, check_width=check_width)
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Margins: the base score plus one leaf value per tree (log-odds for the classifier)."""
