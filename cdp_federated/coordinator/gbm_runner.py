@@ -28,13 +28,9 @@ import numpy as np
 import pluggy
 
 from ..errors import (
-    CDPFederatedError,
     ConfigError,
     NoTrainingDataError,
-    PolicyViolation,
-    SchemaMismatchError,
     TrainingError,
-    TransportError,
 )
 from ..federation.messages import (
     Failure,
@@ -46,7 +42,7 @@ from ..federation.messages import (
     GBMSketchRes,
     Message,
 )
-from ..federation.transport import Transport, stage_of, undelivered
+from ..federation.transport import Transport
 from ..jobs import JobSpec
 from ..learning.gbm import (
     FeatureSketch,
@@ -65,15 +61,9 @@ from ..learning.gbm.draws import fresh_seed
 from ..learning.gbm.loss import base_score as pooled_base_score
 from ..learning.metrics import accuracy_from_histograms, mean_log_loss, roc_auc_from_histograms
 from ..privacy.dp_gbm import gbm_histogram_dp
+from .stages import as_failure, ask_all, raise_failure
 
 __all__ = ["GBMEvaluation", "GBMResult", "run_horizontal_gbm"]
-
-_TYPED_FAILURES: dict[str, type[CDPFederatedError]] = {
-    "SchemaMismatchError": SchemaMismatchError,
-    "NoTrainingDataError": NoTrainingDataError,
-    "PolicyViolation": PolicyViolation,
-    "ConfigError": ConfigError,
-}
 
 
 @dataclass(frozen=True)
@@ -278,7 +268,7 @@ def _sketch(
     request = GBMSketchIns(
         job=wire_job, sketch_size=params.sketch_size, exact_limit=params.max_bins
     )
-    answers = _ask_all(transport, dict.fromkeys(participants, request))
+    answers = ask_all(transport, dict.fromkeys(participants, request))
     per_feature: list[list[FeatureSketch]] = [[] for _ in range(d)]
     counts: dict[str, int] = {}
     label_sums: dict[str, float] = {}
@@ -289,7 +279,7 @@ def _sketch(
             excluded[name] = reply.message  # no rows: left out, the others go on
             continue
         if not _valid_sketch(reply, d):
-            _raise_failure(_as_failure(name, request, reply, f"sketches of {d} features"))
+            raise_failure(as_failure(name, request, reply, f"sketches of {d} features"))
         counts[name], label_sums[name] = reply.count, reply.label_sum
         starts = np.concatenate(([0], np.cumsum(reply.lengths)))
         for j in range(d):
@@ -319,7 +309,7 @@ def _sum_histograms(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every participant's histograms of ``request.build_nodes``, summed; any failure stops."""
     shape = (request.build_nodes.size, request.features.size, bins)
-    answers = _ask_all(transport, dict.fromkeys(participants, request))
+    answers = ask_all(transport, dict.fromkeys(participants, request))
     grad, hess = np.zeros(shape), np.zeros(shape)
     for name in participants:
         reply = answers[name]
@@ -331,7 +321,7 @@ def _sum_histograms(
             and (reply.hess >= 0).all()
         )
         if not valid:
-            _raise_failure(_as_failure(name, request, reply, f"histograms of shape {shape}"))
+            raise_failure(as_failure(name, request, reply, f"histograms of shape {shape}"))
         grad += reply.grad
         hess += reply.hess
     return grad, hess
@@ -360,7 +350,7 @@ def _evaluate(
         value=ensemble.value,
         roots=ensemble.roots,
     )
-    answers = _ask_all(transport, dict.fromkeys(participants, request))
+    answers = ask_all(transport, dict.fromkeys(participants, request))
     positives, negatives = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
     log_loss = squared = absolute = 0.0
     counts: dict[str, int] = {}
@@ -375,7 +365,7 @@ def _evaluate(
             and (not binary or int(reply.positives.sum() + reply.negatives.sum()) == reply.count)
         )
         if not valid:
-            failure = _as_failure(name, request, reply, "evaluation aggregates")
+            failure = as_failure(name, request, reply, "evaluation aggregates")
             failures[name] = f"{failure.error_type}: {failure.message}"
             continue
         counts[name] = reply.count
@@ -413,37 +403,3 @@ def _evaluate(
             mae=float(absolute / total) if total else float("nan"),
         )
     return evaluation, counts
-
-
-# --- replies -------------------------------------------------------------------------------------
-
-
-def _ask_all(transport: Transport, requests: Mapping[str, Message]) -> dict[str, Message]:
-    """Every participant's reply keyed by name; a delivery failure becomes a :class:`Failure`."""
-    ordered = dict(sorted(requests.items()))
-    try:
-        replies = transport.request_many(ordered)
-    except TransportError as exc:  # the whole batch could not be sent
-        replies = {name: undelivered(name, message, exc) for name, message in ordered.items()}
-    return {
-        name: replies.get(name) or undelivered(name, message, TransportError("no reply returned"))
-        for name, message in ordered.items()
-    }
-
-
-def _as_failure(participant: str, request: Message, reply: Message, wanted: str) -> Failure:
-    if isinstance(reply, Failure):
-        return reply
-    return Failure(
-        participant, stage_of(request), "ProtocolError", f"replied {reply.TYPE} instead of {wanted}"
-    )
-
-
-def _raise_failure(failure: Failure) -> None:
-    error = _TYPED_FAILURES.get(failure.error_type)
-    detail = failure.message if error else f"{failure.error_type}: {failure.message}"
-    raise (error or TrainingError)(
-        f"participant {failure.participant!r} failed at {failure.stage}: {detail}",
-        field="participant",
-        value=failure.participant,
-    )

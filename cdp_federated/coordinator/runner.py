@@ -28,13 +28,8 @@ import numpy as np
 import pluggy
 
 from ..errors import (
-    CDPFederatedError,
     ConfigError,
-    NoTrainingDataError,
-    PolicyViolation,
-    SchemaMismatchError,
     TrainingError,
-    TransportError,
 )
 from ..federation.messages import (
     EvaluateIns,
@@ -50,7 +45,7 @@ from ..federation.messages import (
     StatsRes,
     setup_digest,
 )
-from ..federation.transport import Transport, stage_of, undelivered
+from ..federation.transport import Transport
 from ..jobs import JobSpec
 from ..learning import linear
 from ..learning.aggregate import Moments, combine_moments
@@ -68,6 +63,7 @@ from .linear_params import (
     regression_summary,
     training_preconditioner,
 )
+from .stages import as_failure, ask_all, raise_failure
 
 __all__ = [
     "HorizontalParams",
@@ -77,13 +73,6 @@ __all__ = [
     "Checkpoint",
     "run_horizontal",
 ]
-
-# Participant-side error types the coordinator re-raises as themselves (others: TrainingError).
-_TYPED_FAILURES: dict[str, type[CDPFederatedError]] = {
-    "SchemaMismatchError": SchemaMismatchError,
-    "NoTrainingDataError": NoTrainingDataError,
-    "PolicyViolation": PolicyViolation,
-}
 
 
 @dataclass(frozen=True)
@@ -446,7 +435,7 @@ def _standardisation(
     Returns the moments, training rows per participant (0 when excluded), the replies and the
     exclusions."""
     request = StatsIns(job=wire_job, split="train")
-    answers = _ask_all(transport, dict.fromkeys(participants, request))
+    answers = ask_all(transport, dict.fromkeys(participants, request))
     replies: dict[str, StatsRes] = {}
     empty: dict[str, Failure] = {}
     for name in participants:
@@ -460,10 +449,10 @@ def _standardisation(
             or reply.scatter.shape != (d, d)
             or reply.count < 1
         ):
-            _raise_failure(_as_failure(name, request, reply, f"moments of {d} features"))
+            raise_failure(as_failure(name, request, reply, f"moments of {d} features"))
         replies[name] = reply
     if empty and len(replies) < min_fit:
-        _raise_failure(next(iter(empty.values())))
+        raise_failure(next(iter(empty.values())))
     moments = combine_moments(
         [r.count for r in replies.values()],
         [r.sums for r in replies.values()],
@@ -603,7 +592,7 @@ def _collect_fits(
     participant without the ``setup`` its short request names is asked again, in full, once."""
     results: dict[str, FitRes] = {}
     failures: dict[str, Failure] = {}
-    answers = _ask_all(transport, requests)
+    answers = ask_all(transport, requests)
     if setup is not None:
         lost = [
             n for n, a in answers.items() if getattr(a, "error_type", "") == "SetupRequiredError"
@@ -614,7 +603,7 @@ def _collect_fits(
             for name in lost:
                 r = requests[name]
                 requests[name] = setup.request(name, r.round, r.parameters, r.config, full=True)
-            answers.update(_ask_all(transport, {name: requests[name] for name in lost}))
+            answers.update(ask_all(transport, {name: requests[name] for name in lost}))
     for name, request in sorted(requests.items()):
         # A compressed update (params.compression) comes back as the FitRes it stands for.
         reply = expand_fit_reply(name, answers[name], request.parameters)
@@ -623,7 +612,7 @@ def _collect_fits(
             if setup is not None and request.setup == setup.name:
                 setup.holders.add(name)
         else:
-            failures[name] = _as_failure(name, request, reply, f"{shape[0]} parameters")
+            failures[name] = as_failure(name, request, reply, f"{shape[0]} parameters")
     return results, failures
 
 
@@ -671,7 +660,7 @@ def _evaluate(
         scale=moments.scale,
         bins=bins,
     )
-    answers = _ask_all(transport, dict.fromkeys(participants, request))
+    answers = ask_all(transport, dict.fromkeys(participants, request))
     regression: dict[str, RegressionEvaluateRes] = {}
     for name in participants:
         reply = answers[name]
@@ -684,7 +673,7 @@ def _evaluate(
             regression[name] = reply
             counts[name] = reply.count
         else:
-            failure = _as_failure(name, request, reply, f"{bins}-bin histograms")
+            failure = as_failure(name, request, reply, f"{bins}-bin histograms")
             failures[name] = f"{failure.error_type}: {failure.message}"
     if not counts:
         raise TrainingError(
@@ -778,52 +767,13 @@ def _personalise(
         steps=params.personalize_steps,
         preconditioner=precond,
     )
-    answers = _ask_all(transport, dict.fromkeys(participants, request))
+    answers = ask_all(transport, dict.fromkeys(participants, request))
     out: dict[str, dict[str, Any]] = {}
     for name in participants:
         reply = answers[name]
         if isinstance(reply, PersonalizeRes):
             out[name] = {"count": reply.count, **reply.metrics}
         else:
-            failure = _as_failure(name, request, reply, "personalisation metrics")
+            failure = as_failure(name, request, reply, "personalisation metrics")
             out[name] = {"error": f"{failure.error_type}: {failure.message}"}
     return out
-
-
-# --- replies -------------------------------------------------------------------------------------
-
-
-def _ask_all(transport: Transport, requests: Mapping[str, Message]) -> dict[str, Message]:
-    """Every participant's reply, asked together and keyed by name (sorted, whatever order they
-    came back in); a delivery failure becomes a :class:`Failure` like any other, and so does a
-    reply the transport left out."""
-    ordered = dict(sorted(requests.items()))
-    try:
-        replies = transport.request_many(ordered)
-    except TransportError as exc:  # the whole batch could not be sent
-        replies = {name: undelivered(name, message, exc) for name, message in ordered.items()}
-    return {
-        name: replies.get(name) or undelivered(name, message, TransportError("no reply returned"))
-        for name, message in ordered.items()
-    }
-
-
-def _as_failure(participant: str, request: Message, reply: Message, wanted: str) -> Failure:
-    if isinstance(reply, Failure):
-        return reply
-    return Failure(
-        participant,
-        stage_of(request),
-        "ProtocolError",
-        f"replied {reply.TYPE} instead of {wanted}",
-    )
-
-
-def _raise_failure(failure: Failure) -> None:
-    error = _TYPED_FAILURES.get(failure.error_type)
-    detail = failure.message if error else f"{failure.error_type}: {failure.message}"
-    raise (error or TrainingError)(
-        f"participant {failure.participant!r} failed at {failure.stage}: {detail}",
-        field="participant",
-        value=failure.participant,
-    )
