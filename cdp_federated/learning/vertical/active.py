@@ -22,12 +22,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...crypto.he import HEKeyPair, slot_capacity, unpack_slots
-from ...errors import CDPFederatedError, ProtocolError, TrainingError
+from ...errors import ProtocolError, TrainingError
 from .binning import bin_codes, quantile_edges
-from .channel import PartyChannel
+from .channel import PartyChannel, receive_reply
 from .encoding import GHLayout, encode_fixed, pack_gh, unpack_gh
 from .messages import (
-    Failure,
     SBFinish,
     SBGradients,
     SBHistogramRequest,
@@ -86,27 +85,7 @@ class ActiveParty:
     # --- protocol plumbing ------------------------------------------------------------------------
 
     def _receive(self, channel: PartyChannel, sender: str, kind: type) -> object:
-        try:
-            reply = channel.receive(sender)
-        except CDPFederatedError as exc:
-            raise TrainingError(
-                f"party {sender!r} dropped out",
-                field="party",
-                value=sender,
-                fix="restart the job when it is back",
-            ) from exc
-        if isinstance(reply, Failure):
-            raise TrainingError(
-                f"party {sender!r} refused: {reply.message}", field="party", value=sender
-            )
-        if not isinstance(reply, kind) or reply.session != self.session:
-            raise ProtocolError(
-                "unexpected reply",
-                field="type",
-                value=type(reply).__name__,
-                fix=f"expected {kind.__name__}",
-            )
-        return reply
+        return receive_reply(channel, sender, kind, self.session)
 
     # --- training ---------------------------------------------------------------------------------
 

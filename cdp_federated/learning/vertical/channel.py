@@ -13,10 +13,10 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from ...errors import CDPFederatedError, TransportError
+from ...errors import CDPFederatedError, ProtocolError, TrainingError, TransportError
 from .messages import VERTICAL_CODEC, Failure
 
-__all__ = ["PartyChannel", "InProcessChannel"]
+__all__ = ["PartyChannel", "InProcessChannel", "receive_reply"]
 
 
 class PartyChannel(Protocol):
@@ -68,3 +68,29 @@ class InProcessChannel:
                 fix="check that the party is running and reachable",
             )
         return queue.popleft()
+
+
+def receive_reply(channel: PartyChannel, sender: str, kind: type, session: str) -> Any:
+    """The active party's next message from ``sender``: a dropout or a refusal is a
+    :class:`TrainingError` naming the party; any other type or session is a :class:`ProtocolError`."""
+    try:
+        reply = channel.receive(sender)
+    except CDPFederatedError as exc:
+        raise TrainingError(
+            f"party {sender!r} dropped out",
+            field="party",
+            value=sender,
+            fix="restart the job when it is back",
+        ) from exc
+    if isinstance(reply, Failure):
+        raise TrainingError(
+            f"party {sender!r} refused: {reply.message}", field="party", value=sender
+        )
+    if not isinstance(reply, kind) or getattr(reply, "session", None) != session:
+        raise ProtocolError(
+            "unexpected reply",
+            field="type",
+            value=type(reply).__name__,
+            fix=f"expected {kind.__name__}",
+        )
+    return reply

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...crypto.he import HEKeyPair, generate_keypair
-from ...errors import CDPFederatedError, ConfigError, ProtocolError, TrainingError
-from .channel import InProcessChannel, PartyChannel
+from ...errors import ConfigError, ProtocolError, TrainingError
+from .channel import InProcessChannel, PartyChannel, receive_reply
 from .encoding import encode_fixed
 from .logreg_messages import (
     LRFinish,
@@ -46,7 +46,6 @@ from .logreg_messages import (
     LRUnmasked,
 )
 from .logreg_passive import VerticalLogRegPassive, gradient_bits, standardise
-from .messages import Failure
 
 __all__ = ["LogRegParams", "VerticalLogRegActive", "VerticalLogRegPassive", "fit_vertical_logreg"]
 
@@ -153,27 +152,7 @@ class VerticalLogRegActive:
     # --- protocol plumbing ------------------------------------------------------------------------
 
     def _receive(self, channel: PartyChannel, sender: str, kind: type) -> object:
-        try:
-            reply = channel.receive(sender)
-        except CDPFederatedError as exc:
-            raise TrainingError(
-                f"party {sender!r} dropped out",
-                field="party",
-                value=sender,
-                fix="restart the job when it is back",
-            ) from exc
-        if isinstance(reply, Failure):
-            raise TrainingError(
-                f"party {sender!r} refused: {reply.message}", field="party", value=sender
-            )
-        if not isinstance(reply, kind) or reply.session != self.session:
-            raise ProtocolError(
-                "unexpected reply",
-                field="type",
-                value=type(reply).__name__,
-                fix=f"expected {kind.__name__}",
-            )
-        return reply
+        return receive_reply(channel, sender, kind, self.session)
 
     # --- training ---------------------------------------------------------------------------------
 
