@@ -212,6 +212,6 @@ def decision_context(
         coordinator_region=coordinator.region if coordinator else None,
         partners=tuple(partners),
         identity_method=None,  # horizontal: no record linkage between participants
-        secure_aggregation=False,
+        # secure aggregation: the engine reads the job's own params.secure_aggregation
         output_use=output_use,
     )
