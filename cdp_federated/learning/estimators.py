@@ -9,7 +9,8 @@ pickled.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,48 @@ _FITTED = (
     "n_features_in_",
     "feature_names_in_",
 )
+
+
+def check_model_header(data: Any, *, fmt: str, name: str, version: int) -> None:
+    """Refuse a model document of another format or version before reading its fields."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ModelFormatError(
+            f"not a {name} document",
+            field="format",
+            value=data.get("format") if isinstance(data, dict) else type(data).__name__,
+            fix="load a model.json written by this release",
+        )
+    if data.get("version") != version:
+        raise ModelFormatError(
+            "unsupported model version",
+            field="version",
+            value=data.get("version"),
+            fix=f"this release reads version {version}",
+        )
+
+
+@contextmanager
+def reading_model() -> Iterator[None]:
+    """Missing keys and wrong types inside a model document become one typed error."""
+    try:
+        yield
+    except ModelFormatError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFormatError(
+            f"model document is incomplete or malformed: {exc!r}",
+            field="model",
+            fix="restore model.json from the registry",
+        ) from exc
+
+
+def check_width(model: Any, data: dict[str, Any], what: str) -> None:
+    if model.n_features_in_ != data.get("n_features_in"):
+        raise ModelFormatError(
+            f"n_features_in does not match the {what}",
+            field="n_features_in",
+            value=data.get("n_features_in"),
+        )
 
 
 def _is_frame(X: Any) -> bool:
@@ -221,21 +264,8 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedLogisticRegression:
         """Inverse of :meth:`to_dict`; a malformed document is a :class:`ModelFormatError`."""
-        if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
-            raise ModelFormatError(
-                "not a FederatedLogisticRegression document",
-                field="format",
-                value=data.get("format") if isinstance(data, dict) else type(data).__name__,
-                fix="load a model.json written by this release",
-            )
-        if data.get("version") != MODEL_VERSION:
-            raise ModelFormatError(
-                "unsupported model version",
-                field="version",
-                value=data.get("version"),
-                fix=f"this release reads version {MODEL_VERSION}",
-            )
-        try:
+        check_model_header(data, fmt=MODEL_FORMAT, name=cls.__name__, version=MODEL_VERSION)
+        with reading_model():
             params = dict(data["params"])
             parameters = [*data["coef"], data["intercept"]]
             model = cls.from_parameters(
@@ -247,20 +277,7 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
                 C=float(params.get("C", 1.0)),
             )
             model.set_params(**{k: v for k, v in params.items() if k != "C"})
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ModelFormatError):
-                raise
-            raise ModelFormatError(
-                f"model document is incomplete or malformed: {exc!r}",
-                field="model",
-                fix="restore model.json from the registry",
-            ) from exc
-        if model.n_features_in_ != data.get("n_features_in"):
-            raise ModelFormatError(
-                "n_features_in does not match the coefficients",
-                field="n_features_in",
-                value=data.get("n_features_in"),
-            )
+        check_width(model, data, "coefficients")
         return model
 
 
@@ -366,13 +383,7 @@ class FederatedLinearRegression(RegressorMixin, BaseEstimator):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedLinearRegression:
         """Inverse of :meth:`to_dict`; a malformed document is a :class:`ModelFormatError`."""
-        if not isinstance(data, dict) or data.get("format") != LINEAR_MODEL_FORMAT:
-            raise ModelFormatError(
-                "not a FederatedLinearRegression document",
-                field="format",
-                value=data.get("format") if isinstance(data, dict) else type(data).__name__,
-                fix="load a model.json written by this release",
-            )
+        check_model_header(data, fmt=LINEAR_MODEL_FORMAT, name=cls.__name__, version=MODEL_VERSION)
         as_logistic = {**data, "format": MODEL_FORMAT, "classes": [0, 1]}
         as_logistic["params"] = {"C": dict(data.get("params") or {}).get("C", 1.0)}
         helper = FederatedLogisticRegression.from_dict(as_logistic)  # the same checks

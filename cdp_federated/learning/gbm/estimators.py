@@ -15,7 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ...errors import ModelFormatError
-from ..estimators import feature_matrix
+from ..estimators import check_model_header, check_width, feature_matrix, reading_model
 from .binning import bin_edges, merge_sketches, sketch_columns
 from .boosting import fit_local
 from .draws import fresh_seed
@@ -215,41 +215,15 @@ class _FederatedGBM(BaseEstimator):
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         """Inverse of :meth:`to_dict`; a malformed document is a :class:`ModelFormatError`."""
-        if not isinstance(data, dict) or data.get("format") != cls._format:
-            raise ModelFormatError(
-                f"not a {cls.__name__} document",
-                field="format",
-                value=data.get("format") if isinstance(data, dict) else type(data).__name__,
-                fix="load a model.json written by this release",
-            )
-        if data.get("version") != MODEL_VERSION:
-            raise ModelFormatError(
-                "unsupported model version",
-                field="version",
-                value=data.get("version"),
-                fix=f"this release reads version {MODEL_VERSION}",
-            )
-        try:
+        check_model_header(data, fmt=cls._format, name=cls.__name__, version=MODEL_VERSION)
+        with reading_model():
             model = cls(**{k: v for k, v in dict(data["params"]).items() if k in _PARAMS})
             ensemble = TreeEnsemble.from_dict(data["trees"])
             edges = [np.asarray(e, dtype=np.float64) for e in data["bin_edges"]]
             model._set_fitted(
                 ensemble, edges, data.get("feature_names_in"), data.get("classes", (0, 1))
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ModelFormatError):
-                raise
-            raise ModelFormatError(
-                f"model document is incomplete or malformed: {exc!r}",
-                field="model",
-                fix="restore model.json from the registry",
-            ) from exc
-        if model.n_features_in_ != data.get("n_features_in"):
-            raise ModelFormatError(
-                "n_features_in does not match the trees",
-                field="n_features_in",
-                value=data.get("n_features_in"),
-            )
+        check_width(model, data, "trees")
         return model
 
 
