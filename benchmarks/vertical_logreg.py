@@ -1,18 +1,23 @@
 """Vertical logistic regression benchmark: end-to-end HE + masking gradient descent, as JSON.
 
     .venv/bin/python benchmarks/vertical_logreg.py                       # small (shared machine)
-    .venv/bin/python benchmarks/vertical_logreg.py --rows 100000 --epochs 10
+    .venv/bin/python benchmarks/vertical_logreg.py --schemes ou --rows 100000 --epochs 10 \
+        --workers 2                                                      # the issue's OU target
 
 Synthetic data: ``--rows`` aligned rows, 15 active + 15 passive features, a logistic label.
 Per scheme (Paillier-2048, OU-2048): key generation, the whole fit through the in-process
-channel (codec on every message), seconds per epoch, and one epoch's parts timed on their own
-(encrypting the residuals, the passive party's encrypted gradient: digit bucket sums and the
-place-value combination, decrypting the masked gradients). ``extrapolated_s`` scales the
-per-epoch time linearly to ``--target-rows`` x ``--target-epochs`` (every per-epoch cost is
-linear in the rows, except the combination and the decryption, which are constant); it is an
-estimate, not a measurement. Also the federated model's AUC against centralized gradient
-descent on the joined data. Reports the 1-minute load average: numbers taken on a busy machine
-are upper bounds.
+channel (the codec frames and parses every message, but no network) with ``--workers``
+encryption processes at the active party, seconds per epoch, and the split of the fit's time
+(``split_s``): ``encrypt`` (the residuals, incl. workers), ``bucket_sums`` (the passive party's
+digit bucket sums), ``combine_and_mask`` (digit sums, place values, masks), ``decrypt``
+(the masked gradients), ``codec`` (framing and parsing), ``other`` = the rest (logits,
+sigmoid, the active party's own gradient, unmasking). ``extrapolated_s`` scales the per-epoch
+time linearly to ``--target-rows`` x ``--target-epochs`` (every per-epoch cost is linear in the
+rows except combine and decrypt, taken as constant); it is an estimate, not a measurement, and
+is omitted when the run already is that size. Also the federated model's AUC against
+centralized gradient descent on the joined data. CPU seconds include finished worker
+processes; the load average (1, 5, 15 min) is taken before and after: figures measured on a
+busy machine are upper bounds.
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ import os
 import time
 
 import numpy as np
+from _timing import Timers, cpu_seconds, load_average
 
 from cdp_federated.crypto import generate_keypair
-from cdp_federated.learning.vertical import LogRegParams, fit_vertical_logreg
-from cdp_federated.learning.vertical.encoding import encode_fixed
-from cdp_federated.learning.vertical.logreg_passive import DIGIT_BASE
+from cdp_federated.crypto.he_workers import HEWorkers
+from cdp_federated.learning.vertical import (
+    VERTICAL_CODEC,
+    LogRegParams,
+    VerticalLogRegPassive,
+    fit_vertical_logreg,
+)
 
 
 def _timed(fn):
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     out = fn()
-    return out, round(time.perf_counter() - start, 3)
+    return out, round(time.perf_counter() - start, 3), round(cpu_seconds() - cpu, 3)
 
 
 def _auc(score: np.ndarray, y: np.ndarray) -> float:
@@ -65,64 +75,61 @@ def _centralized(xs, y, params: LogRegParams) -> np.ndarray:
     return z @ w + b
 
 
-def _parts(keys, rows: int, rng: np.random.Generator, digits: int) -> dict:
-    """One epoch's HE work, each part alone (one passive party of 15 features)."""
-    pk = keys.public
-    d = encode_fixed(rng.uniform(-1, 1, rows), 24)
-    enc, encrypt_s = _timed(lambda: pk.encrypt(d))
-    codes = rng.integers(0, DIGIT_BASE, size=(rows, 15 * digits)).astype(np.int8)
-    (sums,), bucket_s = _timed(
-        lambda: pk.bucket_sums(enc, [np.ones(rows, bool)], codes, DIGIT_BASE, cumulative=False)
-    )
-    weights = np.zeros((15 * digits * DIGIT_BASE, 16), dtype=object)
-    for p in range(digits):
-        for j in range(15):
-            start = (p * 15 + j) * DIGIT_BASE
-            weights[start : start + DIGIT_BASE, j] = np.arange(DIGIT_BASE) * DIGIT_BASE**p
-    weights[:DIGIT_BASE, 15] = (DIGIT_BASE**digits - 1) // 2
-    combined, combine_s = _timed(lambda: pk.weighted_sums(sums, weights))
-    _, decrypt_s = _timed(lambda: keys.decrypt(pk.take(combined, np.arange(15))))
-    return {
-        "encrypt_residuals_s": encrypt_s,
-        "digit_bucket_sums_s": bucket_s,
-        "combine_s": combine_s,
-        "decrypt_15_s": decrypt_s,
-    }
-
-
 def run(scheme: str, args, rng: np.random.Generator) -> dict:
-    keys, keygen_s = _timed(lambda: generate_keypair(scheme, 2048))
+    keys, keygen_s, _ = _timed(lambda: generate_keypair(scheme, 2048))
     xa, xp, y = _data(args.rows, rng)
     params = LogRegParams(epochs=args.epochs, learning_rate=args.learning_rate, digits=args.digits)
-    (active, parties, channel), fit_s = _timed(
-        lambda: fit_vertical_logreg(xa, y, {"passive": xp}, params, keys=keys)
-    )
+    timers = Timers()
+    timers.wrap(keys.public, "encrypt", "encrypt")
+    timers.wrap(HEWorkers, "encrypt_chunks", "encrypt")
+    timers.wrap(keys, "decrypt", "decrypt")
+    timers.wrap(type(keys.public), "bucket_sums", "bucket_sums")  # only the passive party
+    timers.wrap(VerticalLogRegPassive, "_masked_gradient", "combine_and_mask")
+    timers.wrap(VERTICAL_CODEC, "encode", "codec")
+    timers.wrap(VERTICAL_CODEC, "decode", "codec")
+    timers.count_bytes(VERTICAL_CODEC)
+    load_before = load_average()
+    try:
+        (active, parties, channel), fit_s, cpu = _timed(
+            lambda: fit_vertical_logreg(
+                xa, y, {"passive": xp}, params, keys=keys, workers=args.workers
+            )
+        )
+    finally:
+        timers.restore()
+    split = timers.report()
+    top = ("encrypt", "bucket_sums", "combine_and_mask", "decrypt", "codec")
+    split["other_s"] = round(fit_s - sum(timers.seconds[k] for k in top), 3)
     parties["passive"].set_scoring_features(xp)
     federated = active.decision_function(xa, channel, ["passive"])
     central = _centralized([xa, xp], y, params)
-    parts = _parts(keys, args.rows, rng, params.digits)
     per_epoch = fit_s / args.epochs
-    constant = parts["combine_s"] + parts["decrypt_15_s"]
-    scale = args.target_rows / args.rows
-    extrapolated = args.target_epochs * ((per_epoch - constant) * scale + constant)
-    wire = sum(len(bytes(getattr(m, "ciphertexts", b""))) for _, _, m in channel.log)
-    return {
+    out = {
         "scheme": scheme,
         "key_bits": 2048,
         "keygen_s": keygen_s,
+        "workers": args.workers,
         "fit_s": fit_s,
+        "cpu_s": cpu,
         "epoch_s": round(per_epoch, 3),
-        "one_epoch_parts": parts,
-        "ciphertext_bytes_on_wire": wire,
+        "split_s": split,
+        "wire_bytes": timers.bytes,
         "auc": round(_auc(federated, y), 5),
         "centralized_auc": round(_auc(central, y), 5),
         "max_logit_diff_vs_centralized": float(np.abs(federated - central).max()),
-        "extrapolated_s": {
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
+    if (args.rows, args.epochs) != (args.target_rows, args.target_epochs):
+        constant = (timers.seconds["combine_and_mask"] + timers.seconds["decrypt"]) / args.epochs
+        scale = args.target_rows / args.rows
+        seconds = args.target_epochs * ((per_epoch - constant) * scale + constant)
+        out["extrapolated_s"] = {
             "rows": args.target_rows,
             "epochs": args.target_epochs,
-            "seconds": round(extrapolated, 1),
-        },
-    }
+            "seconds": round(seconds, 1),
+        }
+    return out
 
 
 def main() -> None:
@@ -135,6 +142,7 @@ def main() -> None:
     parser.add_argument("--target-rows", type=int, default=100_000)
     parser.add_argument("--target-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="active-party encryption processes")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     out = {
@@ -144,7 +152,6 @@ def main() -> None:
         "epochs": args.epochs,
         "digits": args.digits,
         "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
         "runs": [run(s, args, rng) for s in args.schemes.split(",")],
     }
     print(json.dumps(out, indent=2))

@@ -87,8 +87,16 @@ class VerticalSettings:
     he: str = "paillier"
     key_bits: int = 2048
     insecure_keys: bool = False  # keys under 2048 bits: tests and quick benchmarks only
+    he_workers: int = 1  # local processes per party for HE work; a resource choice, not a model one
 
     def __post_init__(self) -> None:
+        if not isinstance(self.he_workers, int) or not 1 <= self.he_workers <= 64:
+            raise ConfigError(
+                "HE workers must be an integer from 1 to 64",
+                field="--he-workers",
+                value=self.he_workers,
+                fix="use 1 (default) or the number of cores to spare, e.g. 2",
+            )
         if self.model not in VERTICAL_MODELS:
             raise ConfigError(
                 "unknown vertical model",
@@ -344,8 +352,12 @@ def _secureboost(
         test,
         label_party,
         settings,
-        make_active=lambda x, y, keys: ActiveParty(label_party, x, y, params, keys),
-        make_passive=lambda n, x: PassiveParty(n, x, allow_insecure_keys=settings.insecure_keys),
+        make_active=lambda x, y, keys: ActiveParty(
+            label_party, x, y, params, keys, workers=settings.he_workers
+        ),
+        make_passive=lambda n, x: PassiveParty(
+            n, x, allow_insecure_keys=settings.insecure_keys, workers=settings.he_workers
+        ),
     )
 
 
@@ -368,7 +380,9 @@ def _logreg(
         test,
         label_party,
         settings,
-        make_active=lambda x, y, keys: VerticalLogRegActive(label_party, x, y, params, keys),
+        make_active=lambda x, y, keys: VerticalLogRegActive(
+            label_party, x, y, params, keys, workers=settings.he_workers
+        ),
         make_passive=lambda n, x: VerticalLogRegPassive(
             n, x, allow_insecure_keys=settings.insecure_keys
         ),

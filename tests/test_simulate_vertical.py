@@ -209,6 +209,21 @@ def test_cli_errors_are_one_line_and_exit_2(monkeypatch, capsys, files):
     assert code == 2 and "--test-party" in err and "Traceback" not in err
     code, _, err = run(monkeypatch, capsys, *args(train, test, "--align", "bloom"))
     assert code == 2 and "unknown alignment" in err
+    code, _, err = run(monkeypatch, capsys, *args(train, test, "--he-workers", "0"))
+    assert code == 2 and "--he-workers" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_he_worker_processes_give_the_same_model(monkeypatch, capfd, files):
+    train, test, *_ = files
+    results = []
+    for workers in ("1", "2"):
+        extra = ("--insecure-test-keys", "--he", "ou", "--he-workers", workers, "--json")
+        code, out, err = run(monkeypatch, capfd, *args(train, test, *extra))
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert results[0]["auc"] == results[1]["auc"]
+    assert results[0]["label_party_only_auc"] == results[1]["label_party_only_auc"]
 
 
 def test_a_crashing_passive_party_fails_the_run_fast_with_its_error(monkeypatch, files):

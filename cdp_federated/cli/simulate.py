@@ -91,7 +91,9 @@ def simulate_horizontal_command(
         str,
         typer.Option(
             "--compress",
-            help="Update compression: none, int8, int4 or topk:K (K a count or a fraction).",
+            help="Update compression: none, int8, int4 or topk:K (K a count or a fraction). "
+            "With --secure-aggregation, int8/int4 codes are summed inside a narrow masked ring "
+            "(2^16 for up to 257 parties at int8); top-k is refused.",
         ),
     ] = "none",
     aggregation: Annotated[
@@ -244,6 +246,14 @@ def simulate_vertical_command(
     region: Annotated[
         str | None, typer.Option("--region", help="Default phone region (phones without +cc).")
     ] = None,
+    he_workers: Annotated[
+        int,
+        typer.Option(
+            "--he-workers",
+            help="Processes per party for HE encryption and bucket sums (2 pays off from about "
+            "50k rows; starting them costs about a second).",
+        ),
+    ] = 1,
     insecure_test_keys: Annotated[
         bool,
         typer.Option("--insecure-test-keys", hidden=True, help="1024-bit HE keys (tests only)."),
@@ -265,6 +275,7 @@ def simulate_vertical_command(
         he=he,
         key_bits=1024 if insecure_test_keys else 2048,
         insecure_keys=insecure_test_keys,
+        he_workers=he_workers,
     )
     with native_stdout_to_stderr():
         result = simulate_vertical(

@@ -34,7 +34,7 @@ own binary format (HEU's ``serialize``/``load_from``; big-endian fixed-width int
 and :meth:`HEPublicKey.loads` checks the vector length and turns any parse failure into a
 :class:`~cdp_federated.errors.ProtocolError`.
 
-Parallelism: see :mod:`.he_heu` (HEU encrypts on every core; never fork after loading HEU).
+Parallelism: see :mod:`.he_heu` (which HEU calls use every core; never fork after loading HEU).
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@
 
 HEU is imported lazily so the rest of the package works without the ``vertical`` extra.
 
-Parallelism, measured with sf-heu 0.5.2b0 on a 2-core machine: batched *encryption* uses every
-core (process CPU time about 1.7x wall time), while bucket sums and decryption ran on one
-thread. A ``fork``-started process pool deadlocked once HEU was loaded, so the passive party's
-parallel bucket sums use ``spawn``-ed workers that load the public key themselves
-(:mod:`.he_workers`).
+Parallelism, measured with sf-heu 0.5.2b0 on a 2-core machine (process CPU time over wall
+time, 100k rows): one multi-feature bucket-sum call uses both cores (about 1.8x), and so do
+large Paillier encryptions and decryptions; OU *encryption* runs on one thread (1.0x). Every
+call holds the GIL, so Python threads cannot overlap HEU calls. A ``fork``-started process pool
+deadlocked once HEU was loaded, so the parties' optional workers are ``spawn``-ed processes
+that load the public key themselves (:mod:`.he_workers`): they pay off for OU encryption.
 """
 
 from __future__ import annotations

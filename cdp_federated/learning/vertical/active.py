@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...crypto.he import HEKeyPair, slot_capacity, unpack_slots
+from ...crypto.he_workers import HEWorkers
 from ...errors import ProtocolError, TrainingError
 from .binning import bin_codes, quantile_edges
 from .channel import PartyChannel, receive_reply
@@ -38,6 +39,7 @@ from .messages import (
     SBSplitDecision,
     SBSplitResult,
     SBTreeDone,
+    rows_per_message,
 )
 from .model import ActiveModel, Split, Tree
 from .params import SecureBoostParams
@@ -48,7 +50,10 @@ __all__ = ["ActiveParty"]
 
 class ActiveParty:
     """``features`` may have zero columns (a label-only party); ``labels`` are 0/1 for ``binary``.
-    (HEU's batched encryption already uses every core, so the active party needs no workers.)"""
+    ``workers > 1`` encrypts each tree's gradient chunks in that many spawned processes
+    (:class:`~cdp_federated.crypto.he_workers.HEWorkers`, started on the first tree and ended when
+    :meth:`fit` returns): sf-heu 0.5.2b0 encrypts OU on one thread (Paillier already uses every
+    core), and the GIL is held during HEU calls, so threads would not help."""
 
     def __init__(
         self,
@@ -57,10 +62,13 @@ class ActiveParty:
         labels: np.ndarray,
         params: SecureBoostParams,
         keys: HEKeyPair,
+        *,
+        workers: int = 1,
     ) -> None:
         self.name = name
         self.params = params
         self.keys = keys
+        self._workers, self._pool = max(1, int(workers)), None
         self._x = np.asarray(features, dtype=np.float64).reshape(len(labels), -1)
         self._y = np.asarray(labels, dtype=np.float64)
         if params.objective == "binary" and not np.isin(self._y, (0.0, 1.0)).all():
@@ -98,6 +106,10 @@ class ActiveParty:
         except BaseException:
             self.stage = "failed"
             raise
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
         self._model, self.stage = model, "trained"
         return model
@@ -128,6 +140,7 @@ class ActiveParty:
         self._edges = quantile_edges(self._x, p.max_bins)
         self._codes = bin_codes(self._x, self._edges)
         own_splits: list[tuple[int, float]] = []
+        self._chunk = rows_per_message(pk, p.chunk_rows) if passives else p.chunk_rows
         margin = np.full(n, self._base_margin())
         base = float(margin[0]) if n else 0.0
         trees = []
@@ -176,6 +189,7 @@ class ActiveParty:
             self._send_gradients(channel, passives, t, g, h, layout)
         row_node = np.zeros(n, dtype=np.int64)
         tree = Tree()
+        self._passive_sums: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         frontier = [0]
         plan: dict[int, tuple[bool, int, int]] = {
             0: (True, -1, -1)
@@ -239,12 +253,20 @@ class ActiveParty:
         pk, n = self.keys.public, g.size
         layout.check_fits(pk.plaintext_bits)
         slots = slot_capacity(pk.plaintext_bits, layout.slot_bits)
-        packed, step = pack_gh(g, h, layout.shift), self.params.chunk_rows
-        encrypted = pk.encrypt(packed)  # once per tree, shared by all passives
-        blobs = [
-            pk.dumps(encrypted if n <= step else pk.take(encrypted, np.arange(o, min(o + step, n))))
-            for o in range(0, n, step)
-        ]
+        packed, step = pack_gh(g, h, layout.shift), self._chunk
+        # Encrypted once per tree, shared by all passives.
+        if self._workers > 1 and n > step:
+            if self._pool is None:
+                self._pool = HEWorkers(pk, self._workers)
+            blobs = self._pool.encrypt_chunks(packed, step)
+        else:
+            encrypted = pk.encrypt(packed)
+            blobs = [
+                pk.dumps(
+                    encrypted if n <= step else pk.take(encrypted, np.arange(o, min(o + step, n)))
+                )
+                for o in range(0, n, step)
+            ]
         for offset, raw in zip(range(0, n, step), blobs, strict=True):
             count = min(step, n - offset)
             blob = np.frombuffer(raw, dtype=np.uint8)
@@ -305,28 +327,32 @@ class ActiveParty:
             raise ProtocolError(
                 "histogram response for other nodes", field="nodes", value=res.nodes.tolist()[:8]
             )
-        pk = self.keys.public
-        slots = slot_capacity(pk.plaintext_bits, layout.slot_bits)
-        blob, start, out = bytes(res.ciphertexts), 0, []
+        blob = bytes(res.ciphertexts)
         if int(np.sum(res.sizes)) != len(blob) or (res.sizes < 0).any():
             raise ProtocolError(
                 "histogram response sizes do not add up", field="sizes", value=len(blob)
             )
-        for j, node in enumerate(frontier):
-            count, packed, size = int(res.candidates[j]), int(res.packed[j]), int(res.sizes[j])
-            part, start = blob[start : start + size], start + size
-            if count == 0:
-                continue
-            if packed != -(-count // slots):
-                raise ProtocolError(
-                    "packed ciphertext count does not match the candidates",
-                    field="packed",
-                    value=packed,
-                )
-            values = unpack_slots(
-                self.keys.decrypt(pk.loads(part, packed)), layout.slot_bits, slots, count
-            )
-            left_g, left_h = unpack_gh(values, layout.shift)
+        starts = np.concatenate([[0], np.cumsum(res.sizes)]).astype(np.int64)
+        previous, current = self._passive_sums.get(name, {}), {}
+        # Built nodes first: a derived (larger) child is its parent's sums minus its sibling's.
+        order = sorted(range(len(frontier)), key=lambda j: not build[j])
+        for j in order:
+            node, count, packed = frontier[j], int(res.candidates[j]), int(res.packed[j])
+            if build[j]:
+                part = blob[starts[j] : starts[j + 1]]
+                current[node] = self._decrypt_sums(part, count, packed, layout)
+            else:
+                parent, sibling = previous.get(int(parents[j])), current.get(int(siblings[j]))
+                sizes = {count, -1 if parent is None else parent[0].size}
+                sizes.add(-1 if sibling is None else sibling[0].size)
+                if packed or res.sizes[j] or len(sizes) != 1:
+                    raise ProtocolError(
+                        "a derived node must come without ciphertexts, with its family's candidates",
+                        field="packed",
+                        value=packed,
+                    )
+                current[node] = (parent[0] - sibling[0], parent[1] - sibling[1])
+            left_g, left_h = current[node]
             total_g, total_h = totals[node]
             rows_in = int((row_node == node).sum())
             # Every left sum is a subset sum: anything else is a faulty or malicious party (and
@@ -342,8 +368,33 @@ class ActiveParty:
                     value=name,
                     fix="the passive party must send sums of the gradients it was given",
                 )
-            out.append((name, node, np.arange(count), left_g, left_h))
-        return out
+        self._passive_sums[name] = current
+        return [
+            (name, node, np.arange(current[node][0].size), *current[node])
+            for node in frontier
+            if current[node][0].size
+        ]
+
+    def _decrypt_sums(
+        self, part: bytes, count: int, packed: int, layout: GHLayout
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A built node's (left G, left H) per candidate, from its packed ciphertexts."""
+        if count == 0:
+            if packed or part:
+                raise ProtocolError("ciphertexts for no candidates", field="packed", value=packed)
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        pk = self.keys.public
+        slots = slot_capacity(pk.plaintext_bits, layout.slot_bits)
+        if packed != -(-count // slots):
+            raise ProtocolError(
+                "packed ciphertext count does not match the candidates",
+                field="packed",
+                value=packed,
+            )
+        values = unpack_slots(
+            self.keys.decrypt(pk.loads(part, packed)), layout.slot_bits, slots, count
+        )
+        return unpack_gh(values, layout.shift)
 
     def _best(self, node: int, offers, total: tuple[int, int]) -> tuple[str, int] | None:
         p = self.params

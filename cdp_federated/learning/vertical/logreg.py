@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...crypto.he import HEKeyPair, generate_keypair
+from ...crypto.he_workers import HEWorkers
 from ...errors import ConfigError, ProtocolError, TrainingError
 from .channel import InProcessChannel, PartyChannel, receive_reply
 from .encoding import encode_fixed
@@ -46,6 +47,7 @@ from .logreg_messages import (
     LRUnmasked,
 )
 from .logreg_passive import VerticalLogRegPassive, gradient_bits, standardise
+from .messages import rows_per_message
 
 __all__ = ["LogRegParams", "VerticalLogRegActive", "VerticalLogRegPassive", "fit_vertical_logreg"]
 
@@ -116,7 +118,10 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 class VerticalLogRegActive:
     """The label holder. ``features`` may have zero columns (a label-only party); ``labels`` are
     0/1 for ``binary``. After :meth:`fit`: ``coef_`` (weights on its standardised features),
-    ``intercept_``, ``mean_``, ``scale_``, ``passive_features_`` (name -> feature count)."""
+    ``intercept_``, ``mean_``, ``scale_``, ``passive_features_`` (name -> feature count).
+    ``workers > 1`` encrypts each batch's residual chunks in that many spawned processes
+    (:class:`~cdp_federated.crypto.he_workers.HEWorkers`, ended when :meth:`fit` returns):
+    sf-heu 0.5.2b0 encrypts OU on one thread."""
 
     def __init__(
         self,
@@ -125,8 +130,11 @@ class VerticalLogRegActive:
         labels: np.ndarray,
         params: LogRegParams,
         keys: HEKeyPair,
+        *,
+        workers: int = 1,
     ) -> None:
         self.name, self.params, self.keys = name, params, keys
+        self._workers, self._pool = max(1, int(workers)), None
         self._y = np.asarray(labels, dtype=np.float64).reshape(-1)
         self._x = np.asarray(features, dtype=np.float64).reshape(self._y.size, -1)
         if self._y.size == 0 or not (np.isfinite(self._x).all() and np.isfinite(self._y).all()):
@@ -165,6 +173,10 @@ class VerticalLogRegActive:
         except BaseException:
             self.stage = "failed"
             raise
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
         self.stage = "trained"
         return self
 
@@ -210,6 +222,7 @@ class VerticalLogRegActive:
                 value=smallest,
                 fix=f"use batches of more than {2 * widest} rows (or full batch)",
             )
+        self._chunk = rows_per_message(pk, p.chunk_rows) if passives else p.chunk_rows
         for epoch in range(p.epochs):
             total = 0.0
             for b, (start, stop) in enumerate(self._batches()):
@@ -271,9 +284,15 @@ class VerticalLogRegActive:
                 fix="use a larger key, smaller batches, fewer digits or a smaller frac_bits",
             )
         # Encrypt once, send the same ciphertexts to every passive party.
-        for offset in range(0, rows, p.chunk_rows):
-            count = min(p.chunk_rows, rows - offset)
-            blob = pk.dumps(pk.encrypt(d_int[offset : offset + count]))
+        step = self._chunk
+        if self._workers > 1 and rows > step:
+            if self._pool is None:
+                self._pool = HEWorkers(pk, self._workers)
+            blobs = self._pool.encrypt_chunks(d_int, step)
+        else:
+            blobs = [pk.dumps(pk.encrypt(d_int[o : o + step])) for o in range(0, rows, step)]
+        for offset, blob in zip(range(0, rows, step), blobs, strict=True):
+            count = min(step, rows - offset)
             message = LRResiduals(
                 session=self.session,
                 epoch=epoch,
@@ -370,10 +389,11 @@ def fit_vertical_logreg(
     key_bits: int = 2048,
     insecure: bool = False,
     active_name: str = "active",
+    workers: int = 1,
 ) -> tuple[VerticalLogRegActive, dict[str, VerticalLogRegPassive], InProcessChannel]:
     """Train in one process (simulations, benchmarks): returns the trained active party, the
     passive parties and the channel to score through. ``insecure`` allows keys under 2048 bits
-    (tests only)."""
+    (tests only); ``workers`` is the active party's encryption processes."""
     keys = keys or generate_keypair(scheme, key_bits, insecure=insecure)
     parties = {
         name: VerticalLogRegPassive(name, x, allow_insecure_keys=insecure)
@@ -381,7 +401,7 @@ def fit_vertical_logreg(
     }
     channel = InProcessChannel(parties, active=active_name)
     active = VerticalLogRegActive(
-        active_name, active_features, labels, params or LogRegParams(), keys
+        active_name, active_features, labels, params or LogRegParams(), keys, workers=workers
     )
     active.fit(channel, list(parties))
     return active, parties, channel

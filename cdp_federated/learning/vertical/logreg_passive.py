@@ -9,9 +9,12 @@ anything else raises :class:`~cdp_federated.errors.ProtocolError` and leaves the
 The encrypted gradient ``[[X^T d]]`` is computed with additions, not ciphertext-plaintext
 products (each of which is a modular exponentiation, about 100x slower in HEU): every feature is
 quantised to ``q = round(x * s_j) + half`` in ``[0, 127**digits)`` and split into base-127
-digits; one bucket-sum pass per digit sums the residual ciphertexts by digit value, and only the
-``127 * digits`` bucket sums per feature are multiplied by their (small) place values. The
-offset ``half`` comes off with one more weighted sum: ``sum_i (q_i - half) d_i``.
+digits ``v``. One cumulative bucket-sum pass over all digit columns, with each digit stored
+reversed (code ``126 - v``), gives per column ``P_b = sum of d_i over rows with v_i >= 126 - b``;
+then ``sum_{b<126} P_b = sum_i v_i d_i`` (row ``i`` is counted in exactly ``v_i`` of those
+prefixes), so the digit-weighted sums cost 125 ciphertext additions per column, no products.
+Only the place values ``127**p`` (per feature) and the offset ``half`` (``sum_i (q_i - half)
+d_i``, with ``sum_i d_i`` the last prefix of any column) are small plaintext products.
 
 Keeps to itself: features, means, scales, quantisation scales, its weights, the masks. Learns:
 its own gradient per batch, the batch boundaries, ``d_bits``; residuals only as ciphertexts.
@@ -143,10 +146,10 @@ class VerticalLogRegPassive:
         peak = np.abs(self._z).max(axis=0)
         qscale = half / np.where(peak > 0, peak, 1.0)
         q = np.rint(self._z * qscale).astype(np.int64) + half
-        columns = [(q // DIGIT_BASE**p) % DIGIT_BASE for p in range(m.digits)]
-        self._codes = np.ascontiguousarray(np.hstack(columns), dtype=np.int8)
+        columns = [DIGIT_BASE - 1 - (q // DIGIT_BASE**p) % DIGIT_BASE for p in range(m.digits)]
+        self._codes = np.ascontiguousarray(np.hstack(columns), dtype=np.int8)  # reversed digits
         self._qscale, self._half = qscale, half
-        self._weights = self._combine_weights(m.digits)
+        self._weights = self._place_values(m.digits)
         self._key, self._digits, self._mask_bits = key, m.digits, m.mask_bits
         self._lr, self._l2 = float(m.learning_rate), float(m.l2)
         self._d_scale = float(1 << m.frac_bits)
@@ -156,17 +159,12 @@ class VerticalLogRegPassive:
         self.stage = "idle"
         return [LRReady(session=self.session, n_features=self._x.shape[1])]
 
-    def _combine_weights(self, digits: int) -> np.ndarray:
-        """Bucket sums (digit-major columns x 127 buckets) -> ``sum_i q_ij d_i`` per feature, plus
-        a last output ``half * sum_i d_i`` (every row falls in one bucket of any column)."""
+    def _place_values(self, digits: int) -> np.ndarray:
+        """Digit-major ``sum_i v_i d_i`` per column -> ``sum_i q_ij d_i`` per feature."""
         m = self._x.shape[1]
-        w = np.zeros((digits * m * DIGIT_BASE, m + 1), dtype=object)
-        values = np.arange(DIGIT_BASE, dtype=object)
+        w = np.zeros((digits * m, m), dtype=object)
         for p in range(digits):
-            for j in range(m):
-                start = (p * m + j) * DIGIT_BASE
-                w[start : start + DIGIT_BASE, j] = values * DIGIT_BASE**p
-        w[:DIGIT_BASE, m] = self._half
+            w[p * m + np.arange(m), np.arange(m)] = DIGIT_BASE**p
         return w
 
     def _on_logits(self, m: LRLogitsRequest) -> list[object]:
@@ -201,7 +199,7 @@ class VerticalLogRegPassive:
             [np.ones(m.count, dtype=bool)],
             self._codes[lo : lo + m.count],
             DIGIT_BASE,
-            cumulative=False,
+            cumulative=True,
         )
         self._sums = sums if self._sums is None else self._key.add(self._sums, sums)
         self._received += m.count
@@ -212,10 +210,16 @@ class VerticalLogRegPassive:
 
     def _masked_gradient(self, rows: int) -> LRMaskedGradient:
         key, n_features = self._key, self._x.shape[1]
-        combined = key.weighted_sums(self._sums, self._weights)
+        columns = self._codes.shape[1]
+        starts = np.arange(columns) * DIGIT_BASE
+        digit_sums = key.take(self._sums, starts)  # prefix b = 0 of every column
+        for b in range(1, DIGIT_BASE - 1):
+            digit_sums = key.add(digit_sums, key.take(self._sums, starts + b))
+        total = key.take(self._sums, [DIGIT_BASE - 1])  # every row: sum_i d_i
+        offset = key.weighted_sums(total, np.array([[self._half]], dtype=object))
         exact = key.sub(
-            key.take(combined, np.arange(n_features)),
-            key.take(combined, np.full(n_features, n_features)),
+            key.weighted_sums(digit_sums, self._weights),
+            key.take(offset, np.zeros(n_features, dtype=np.int64)),
         )
         # A fresh uniform mask per feature, mask_bits wider than any gradient: the decryption the
         # active party sees is statistically independent of the gradient (distance <= 2**-mask_bits).

@@ -5,9 +5,11 @@ What travels, by direction (``docs/vertical.md`` says what each party learns fro
 * active -> passive: the public key, encrypted packed (g, h) chunks, each level's node of every
   row (``row_node``) with the build/subtract plan, the id of a passive's winning split (to that
   owner only), tree and training ends, scoring requests;
-* passive -> active: its feature count, packed encrypted cumulative histograms per node with
-  candidate counts (split ids are positions, never thresholds), the left/right partition of a
-  won split, and, when scoring, the boolean decisions of its split records.
+* passive -> active: its feature count, packed encrypted cumulative histograms of the nodes it
+  builds (the root and each smaller child; the active party derives the larger child as parent
+  minus sibling in plaintext) with candidate counts (split ids are positions, never thresholds),
+  the left/right partition of a won split, and, when scoring, the boolean decisions of its split
+  records.
 
 Ciphertexts travel as ``uint8`` arrays holding the HE backend's own serialisation.
 """
@@ -18,6 +20,7 @@ import dataclasses
 
 import numpy as np
 
+from ...crypto.he import HEPublicKey
 from ...federation.codec import Codec
 from ...federation.messages import BOOLEAN, INTEGER, Failure, Message, register
 
@@ -36,6 +39,7 @@ __all__ = [
     "SBPredictRequest",
     "SBPredictResponse",
     "Failure",
+    "rows_per_message",
 ]
 
 VERTICAL_MESSAGE_TYPES: dict[str, type[Message]] = {"failure": Failure}
@@ -96,7 +100,8 @@ class SBGradients(Message):
 @dataclasses.dataclass(frozen=True, eq=False)
 class SBHistogramRequest(Message):
     """Histograms for ``nodes`` at ``level``; ``row_node[i]`` is row ``i``'s node (-1: in a leaf).
-    ``build[j]`` builds node ``j`` from its rows; otherwise it is ``parents[j] - siblings[j]``."""
+    ``build[j]`` builds node ``j`` from its rows; otherwise it is ``parents[j] - siblings[j]``,
+    which the active party computes itself from sums it already decrypted."""
 
     session: str
     tree: int
@@ -121,7 +126,8 @@ class SBHistogramRequest(Message):
 @dataclasses.dataclass(frozen=True, eq=False)
 class SBHistogramResponse(Message):
     """Per node: ``candidates[j]`` split ids (0..c-1), their packed ciphertext count and byte size
-    within the concatenated ``ciphertexts``."""
+    within the concatenated ``ciphertexts`` (both 0 for a node that is not built: the active
+    party refuses ciphertexts for it)."""
 
     session: str
     tree: int
@@ -191,3 +197,13 @@ class SBPredictResponse(Message):
 
 
 VERTICAL_CODEC = Codec(types=VERTICAL_MESSAGE_TYPES)
+
+
+def rows_per_message(public_key: HEPublicKey, chunk_rows: int) -> int:
+    """``chunk_rows``, or fewer so that one message's ciphertexts stay within half the codec's
+    array limit (100k rows of 2048-bit Paillier ciphertexts are about 53 MB, over the frame and
+    element limits): the other half is headroom for serialisation overhead."""
+    sample = 8
+    per_row = len(public_key.dumps(public_key.encrypt([0] * sample))) / sample + 16
+    budget = min(VERTICAL_CODEC.max_elements, VERTICAL_CODEC.max_bytes) // 2
+    return max(1, min(int(chunk_rows), int(budget // per_row)))

@@ -19,7 +19,8 @@ class SecureBoostParams:
     ``round(v * 2**frac_bits)`` integers, one scale for all of them, so encrypted additions need
     no exponent alignment. ``first_tree_active_only`` grows tree 0 on the active party's features
     only (passive parties see no gradients for it). ``chunk_rows`` bounds the ciphertexts per
-    gradient message. HEU takes bin codes as int8, hence ``max_bins <= 127``."""
+    gradient message (lowered further, per key, so a message stays within half the codec's
+    limits: :func:`.messages.rows_per_message`). HEU takes bin codes as int8, hence ``max_bins <= 127``."""
 
     objective: str = "binary"
     n_trees: int = 10

@@ -45,7 +45,8 @@ class PassiveParty:
     """``features``: this party's aligned training rows (rows x features, finite).
     ``allow_insecure_keys`` accepts keys under 2048 bits (tests only). ``workers > 1`` bucket-sums
     the gradient chunks in that many spawned processes (:class:`~cdp_federated.crypto.he_workers.HEWorkers`);
-    call :meth:`close` (or let ``sb_finish`` do it) to end them."""
+    call :meth:`close` (or let ``sb_finish`` do it) to end them. One HEU bucket-sum call already
+    uses every core, so workers rarely pay off (``docs/vertical.md``, Speed)."""
 
     def __init__(
         self,
@@ -156,7 +157,7 @@ class PassiveParty:
         self._chunks.append((m.offset, part))
         self._received += m.count
         if self._received == n:
-            self._level, self._cache, self._node_rows = 0, {}, {}
+            self._level, self._previous, self._node_rows = 0, set(), {}
             self.stage = "growing"
         return []
 
@@ -201,40 +202,33 @@ class PassiveParty:
             # One candidate list per tree, fixed at the root: a child's own candidates are a subset
             # (its bins are a subset of its parent's), and the extra ones repeat a lower
             # candidate's sums or empty a child, so the first best split is unchanged. A fixed
-            # list lets the larger child be the parent's *packed* sums minus the smaller child's:
-            # a few dozen ciphertext subtractions instead of a pass over its rows.
+            # list lets the active party get the larger child's sums as the parent's minus the
+            # smaller child's, in plaintext: no pass over its rows and no ciphertexts for it.
             self._candidates = valid_candidates(self._codes, np.arange(n), self._n_bins)
         for parent, sibling in zip(m.parents[~build], m.siblings[~build], strict=True):
-            if int(parent) not in self._cache or int(sibling) not in nodes[build]:
+            if int(parent) not in self._previous or int(sibling) not in nodes[build]:
                 raise _refuse(
                     "cannot derive a node: unknown parent or sibling", "parents", int(parent)
                 )
         offered = self._candidates
-        level: dict[int, CipherVector | None] = {}
+        level: dict[int, CipherVector] = {}
         masks = [row_node == node for node in nodes[build]]
-        built = self._bucket_sums(masks) if masks and offered.size else [None] * len(masks)
-        for node, sums in zip(nodes[build].tolist(), built, strict=True):
-            level[node] = (
-                None
-                if sums is None
-                else self._key.pack(self._key.take(sums, offered), self._slot_bits, self._slots)
-            )
-        for node, parent, sibling in zip(
-            nodes[~build], m.parents[~build], m.siblings[~build], strict=True
-        ):
-            whole, part = self._cache[int(parent)], level[int(sibling)]
-            level[int(node)] = None if whole is None else self._key.sub(whole, part)
+        if masks and offered.size:
+            for node, sums in zip(nodes[build].tolist(), self._bucket_sums(masks), strict=True):
+                level[node] = self._key.pack(
+                    self._key.take(sums, offered), self._slot_bits, self._slots
+                )
         counts, packed, sizes, blobs = [], [], [], []
         self._node_rows = {}
         for node in nodes.tolist():
             self._node_rows[node] = np.flatnonzero(row_node == node)
-            vec = level[node]
+            vec = level.get(node)  # None for a derived node (and when nothing is offered)
             blob = b"" if vec is None else self._key.dumps(vec)
             counts.append(offered.size)
             packed.append(0 if vec is None else len(vec))
             sizes.append(len(blob))
             blobs.append(blob)
-        self._cache = level
+        self._previous = set(nodes.tolist())
         self._level += 1
         return [
             SBHistogramResponse(
@@ -270,13 +264,13 @@ class PassiveParty:
     def _on_tree_done(self, m: SBTreeDone) -> list[object]:
         if m.tree != self._tree:
             raise _refuse("tree end for another tree", "tree", m.tree)
-        self._chunks, self._cache, self._node_rows = [], {}, {}
+        self._chunks, self._previous, self._node_rows = [], set(), {}
         self.stage = "idle"
         return []
 
     def _on_finish(self, m: SBFinish) -> list[object]:
         self.close()
-        self._chunks, self._cache, self._node_rows = [], {}, {}
+        self._chunks, self._previous, self._node_rows = [], set(), {}
         self.stage = "trained"
         return []
 

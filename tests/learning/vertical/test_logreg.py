@@ -394,3 +394,21 @@ def test_weighted_sums_match_plaintext(name, request):
     weights = np.array([[1, 0, 3], [2, 5, 0], [0, 1, 126 * 127**2], [9, 9, 9]])
     out = keys.decrypt(keys.public.weighted_sums(keys.public.encrypt(values), weights))
     assert out == (np.array(values, dtype=object) @ weights.astype(object)).tolist()
+
+
+@pytest.mark.slow
+def test_encryption_workers_change_nothing(ou):
+    xa, xp1, _, y = make_data(n=200)
+    params = LogRegParams(epochs=2, chunk_rows=60)  # 4 residual chunks per batch
+    one, *_ = fit_vertical_logreg(xa, y, {"brand": xp1}, params, keys=ou, insecure=True)
+    two, parties, _ = fit_vertical_logreg(
+        xa, y, {"brand": xp1}, params, keys=ou, insecure=True, workers=2
+    )
+    assert two._pool is None  # the worker processes ended with fit()
+    assert np.array_equal(one.coef_, two.coef_) and one.intercept_ == two.intercept_
+    assert np.array_equal(
+        parties["brand"].coef_,
+        fit_vertical_logreg(xa, y, {"brand": xp1}, params, keys=ou, insecure=True)[1][
+            "brand"
+        ].coef_,
+    )

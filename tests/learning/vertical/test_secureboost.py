@@ -6,6 +6,8 @@ runs the same protocol to show encryption changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -18,11 +20,14 @@ from cdp_federated.learning.vertical import (
     SecureBoostParams,
 )
 from cdp_federated.learning.vertical.messages import (
+    VERTICAL_CODEC,
     SBGradients,
     SBHistogramRequest,
+    SBHistogramResponse,
     SBSetup,
     SBSplitDecision,
     SBTreeDone,
+    rows_per_message,
 )
 
 from .reference import fit_reference
@@ -332,11 +337,81 @@ def test_worker_processes_build_the_same_trees(heu_keys):
     }
     try:
         channel = InProcessChannel(parties, active="shop")
-        two = ActiveParty("shop", xa, y, params, heu_keys).fit(channel, ["brand", "media"])
+        active = ActiveParty("shop", xa, y, params, heu_keys, workers=2)  # encrypts in workers
+        two = active.fit(channel, ["brand", "media"])
     finally:
         for p in parties.values():
             p.close()
     assert resolve(two, parties, 2) == resolve(one, p_one, 2)
+
+
+def test_larger_children_travel_without_ciphertexts(heu_keys):
+    xa, xp1, xp2, y = make_data(seed=21)
+    params = SecureBoostParams(n_trees=1, max_depth=3, max_bins=8)
+    _, _, channel, model = run(params, heu_keys, xa, xp1, xp2, y)
+    requests = [m for s, r, m in channel.log if isinstance(m, SBHistogramRequest)]
+    responses = [m for s, r, m in channel.log if isinstance(m, SBHistogramResponse)]
+    assert len(requests) == len(responses) > 2
+    derived = 0
+    for req, res in zip(requests, responses, strict=True):
+        assert np.array_equal(req.nodes, res.nodes)
+        offered = res.candidates > 0
+        # the smaller child (and the root) come as ciphertexts; the larger one is derived
+        assert (res.packed[req.build & offered] > 0).all()
+        assert (res.packed[~req.build] == 0).all() and (res.sizes[~req.build] == 0).all()
+        derived += int((~req.build & offered).sum())
+    assert derived > 0
+    assert any(s.owner != "shop" for s in model.trees[0].splits.values())
+
+
+def test_active_refuses_ciphertexts_for_a_derived_node(heu_keys):
+    xa, xp1, _, y = make_data(seed=23)
+
+    class Stuff:
+        """Sends its root histogram again in place of every derived (larger) child."""
+
+        def __init__(self, party):
+            self.party, self.root = party, None
+
+        def handle(self, message):
+            replies = self.party.handle(message)
+            out = []
+            for r in replies:
+                if type(r).__name__ == "SBHistogramResponse":
+                    if r.level == 0:
+                        self.root = (int(r.packed[0]), r.ciphertexts.tobytes())
+                    elif (r.packed == 0).any():
+                        packed, sizes, blob = r.packed.copy(), r.sizes.copy(), b""
+                        raw, start = r.ciphertexts.tobytes(), 0
+                        for j in range(packed.size):
+                            part, start = raw[start : start + sizes[j]], start + sizes[j]
+                            if packed[j] == 0:
+                                packed[j], part = self.root
+                                sizes[j] = len(part)
+                            blob += part
+                        r = dataclasses.replace(
+                            r, packed=packed, sizes=sizes, ciphertexts=np.frombuffer(blob, np.uint8)
+                        )
+                out.append(r)
+            return out
+
+    channel = InProcessChannel(
+        {"brand": Stuff(PassiveParty("brand", xp1, allow_insecure_keys=True))}, active="shop"
+    )
+    active = ActiveParty(
+        "shop", xa, y, SecureBoostParams(n_trees=1, max_depth=3, max_bins=8), heu_keys
+    )
+    with pytest.raises(ProtocolError, match="derived node"):
+        active.fit(channel, ["brand"])
+
+
+def test_gradient_messages_stay_within_the_codec_limits(heu_keys):
+    pk = heu_keys.public
+    rows = rows_per_message(pk, 10_000_000)
+    per_row = len(pk.dumps(pk.encrypt([0] * 8))) / 8
+    budget = min(VERTICAL_CODEC.max_elements, VERTICAL_CODEC.max_bytes)
+    assert rows * per_row <= budget / 2 < (rows + 1) * (per_row + 16) * 2
+    assert rows_per_message(pk, 100) == 100
 
 
 def test_active_refuses_an_out_of_order_reply(heu_keys):
