@@ -60,7 +60,7 @@ RESULT_FIELDS: dict[str, str] = {
     "noise_multiplier": "differential privacy: Gaussian noise standard deviation over the clip norm, per round",
     "sampling_rate": "differential privacy: probability that a party is asked in a round (Poisson sampling)",
     "bytes_sent": "codec frame bytes of the participants' replies to training requests (model updates, compressed with --compress; GBM histograms), summed over rounds; with --secure-aggregation the replies to every stage plus the share packets posted to the relay",
-    "secure_aggregation": "secure aggregation: {participants, dropped, recovered}: parties in the job, participant-rounds that dropped out (any stage), and of those the ones dropped after key sharing whose masks were rebuilt from the survivors' shares and removed from the sum",
+    "secure_aggregation": "secure aggregation: {participants, dropped, recovered}: parties in the job, participant-rounds that dropped out (any stage), and of those the ones dropped after key sharing whose masks were rebuilt from the survivors' shares and removed from the sum; with --compress int8|int4 also compression: {scheme, code_ring_bits, uncompressed_rounds} (the narrow ring the codes are summed in, and the rounds sent uncompressed while the shared scale was measured)",
 }
 
 

@@ -376,10 +376,12 @@ def _secagg_settings(
     aggregation: str,
     parties: int,
     params: Mapping[str, Any],
+    compress: str = "none",
 ) -> dict[str, Any] | None:
     """``--secure-aggregation`` / ``--dropout`` checked against the rest of the run: the job
     parameters to add (None when secure aggregation is off). With dropouts, rounds accept the
-    survivors (``min_fit_participants``) unless the caller set that itself."""
+    survivors (``min_fit_participants``) unless the caller set that itself. ``--compress
+    int8|int4`` is quantised inside the ring (privacy/secagg_rounds.py); top-k cannot be."""
     enabled = enabled or params.get("secure_aggregation") not in (None, False)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(
@@ -397,12 +399,12 @@ def _secagg_settings(
                 fix="add --secure-aggregation",
             )
         return None
-    if model == "gbm":
+    if model == "gbm" and dropout:
         raise ConfigError(
-            "secure aggregation wraps FedAvg rounds of linear models only",
-            field="--secure-aggregation",
-            value=model,
-            fix="use --model logreg or linear, or leave --secure-aggregation out",
+            "GBM needs every participant's histograms at every level: a dropout stops the job",
+            field="--dropout",
+            value=dropout,
+            fix="leave --dropout out with --model gbm",
         )
     if aggregation != "mean":
         raise ConfigError(
@@ -410,6 +412,14 @@ def _secagg_settings(
             field="--aggregation",
             value=aggregation,
             fix="use --aggregation mean with --secure-aggregation",
+        )
+    if compress.startswith("topk"):
+        raise ConfigError(
+            "top-k updates cannot be summed under secure aggregation: each party keeps "
+            "different coordinates",
+            field="--compress",
+            value=compress,
+            fix="use --compress int8 or int4 with --secure-aggregation (quantised in the ring)",
         )
     setting = params.get("secure_aggregation", True)
     threshold = setting.get("threshold") if isinstance(setting, Mapping) else None
@@ -429,18 +439,38 @@ def _secagg_settings(
     return out
 
 
-def _secagg_summary(history: Sequence[Any], parties: int) -> dict[str, int]:
+def _secagg_summary(
+    history: Sequence[Any], parties: int, compress: str = "none", setting: Any = True
+) -> dict[str, Any]:
     """``participants``, ``dropped`` (participant-rounds that dropped, at any stage) and
     ``recovered`` (of those, the ones that had shared their keys: their pairwise masks were
-    rebuilt from the survivors' shares and removed from the sum)."""
-    reasons = [
+    rebuilt from the survivors' shares and removed from the sum); with ``--compress int8|int4``,
+    ``compression``: the scheme and the width of the ring its codes are summed in."""
+    reasons = [  # GBM trees record no failures: a dropout stops a GBM job instead
         why
         for record in history
-        for why in record.failures.values()
+        for why in getattr(record, "failures", {}).values()
         if why.startswith("SecureAggregationDropout: ")
     ]
     after_sharing = [r for r in reasons if r.split(": ", 2)[1] == "mask"]
-    return {"participants": parties, "dropped": len(reasons), "recovered": len(after_sharing)}
+    out: dict[str, Any] = {
+        "participants": parties,
+        "dropped": len(reasons),
+        "recovered": len(after_sharing),
+    }
+    if compress in ("int8", "int4"):
+        from .privacy.secagg_ring import code_ring_bits
+
+        bits = int(compress[3:])
+        out["compression"] = {
+            "scheme": compress,
+            "code_ring_bits": code_ring_bits(parties, bits),
+            # without a first-round scale the first round measures one, uncompressed
+            "uncompressed_rounds": int(
+                not (isinstance(setting, Mapping) and "compression_scale" in setting)
+            ),
+        }
+    return out
 
 
 def simulate_horizontal(
@@ -505,6 +535,7 @@ def simulate_horizontal(
         aggregation=aggregation,
         parties=len(parties),
         params=params or {},
+        compress=compress,
     )
     objective = objective or ("regression" if model == "linear" else "binary")
     if objective not in ("binary", "regression") or (model == "logreg" and objective != "binary"):
@@ -650,7 +681,11 @@ def simulate_horizontal(
         bytes_sent=counter.total,
     )
     if secagg is not None:
-        out |= make_result(secure_aggregation=_secagg_summary(result.history, len(frames)))
+        out |= make_result(
+            secure_aggregation=_secagg_summary(
+                result.history, len(frames), compress, secagg["secure_aggregation"]
+            )
+        )
     if privacy is not None:
         out |= make_result(
             epsilon=round(privacy.epsilon, 6),

@@ -13,8 +13,9 @@
    return per-class score histograms (binary) or error sums (regression).
 
 The coordinator sees each participant's summaries and per-node histograms (not only their sum)
-unless a secure-aggregation layer wraps the histogram stage; it never sees a row, a per-row
-gradient or an identifier. A participant failing during training stops the job (histogram
+unless ``params.secure_aggregation`` is set: then each level's histograms are summed through
+secure aggregation (:mod:`cdp_federated.privacy.secagg_gbm`) and only the sum is seen; it never
+sees a row, a per-row gradient or an identifier. A participant failing during training stops the job (histogram
 subtraction needs every party's histograms at every level).
 """
 
@@ -61,6 +62,7 @@ from ..learning.gbm.draws import fresh_seed
 from ..learning.gbm.loss import base_score as pooled_base_score
 from ..learning.metrics import accuracy_from_histograms, mean_log_loss, roc_auc_from_histograms
 from ..privacy.dp_gbm import gbm_histogram_dp
+from ..privacy.secagg_gbm import histograms_from_params
 from .stages import as_failure, ask_all, raise_failure
 
 __all__ = ["GBMEvaluation", "GBMResult", "run_horizontal_gbm"]
@@ -144,6 +146,8 @@ def run_horizontal_gbm(
         )
     params = GBMParams.from_mapping(job.params, n_trees=max(job.rounds, 1))
     histogram_dp = gbm_histogram_dp(job)  # params.dp_*: noise on the summed histograms
+    # params.secure_aggregation: each level's histograms arrive masked, only their sum is seen
+    secure = histograms_from_params(job.job_id, job.params, params.objective)
     min_participants = job.params.get("min_participants", 1)
     participants = transport.participants()
     if not isinstance(min_participants, int) or not 1 <= min_participants:
@@ -207,7 +211,10 @@ def run_horizontal_gbm(
             leaf_values=step.leaf_values,
             **extra,
         )
-        grad, hess = _sum_histograms(transport, trained, request, params.max_bins)
+        if secure is None:
+            grad, hess = _sum_histograms(transport, trained, request, params.max_bins)
+        else:
+            grad, hess = secure.sum(transport, counts, request, params.max_bins)
         return (grad, hess) if histogram_dp is None else histogram_dp.noisy(grad, hess)
 
     def tree_done(record: TreeRecord) -> None:

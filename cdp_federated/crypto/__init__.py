@@ -8,7 +8,7 @@
    (:mod:`cdp_federated.learning.vertical`).
 """
 
-# Secure aggregation's primitives (Shamir with commitments, ChaCha20 PRG, X25519 seeds) are
+# Secure aggregation's primitives (Shamir with commitments, AES-CTR PRG, X25519 seeds) are
 # modules of their own: cdp_federated.crypto.shamir / .prg / .kex; the recipe is privacy.secagg.
 from . import kex, prg, shamir
 from .he import (

@@ -21,6 +21,7 @@ the salt keeps the commitment from being a test for guessed share values.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -152,15 +153,23 @@ def combine(
 def interpolate_at_zero(points: Sequence[tuple[int, int]], prime: int = PRIME) -> int:
     """Lagrange interpolation at 0 of the polynomial through ``points`` (distinct x), mod
     ``prime``. Exposed so tests can show what fewer than ``threshold`` points give."""
-    total = 0
-    for j, (xj, yj) in enumerate(points):
+    weights = _lagrange_at_zero(tuple(x for x, _ in points), prime)
+    return sum(w * y for w, (_, y) in zip(weights, points, strict=True)) % prime
+
+
+@functools.lru_cache(maxsize=64)
+def _lagrange_at_zero(xs: tuple[int, ...], prime: int) -> tuple[int, ...]:
+    """The Lagrange weights at 0 for the points ``xs``: the same for every secret a set of
+    holders reconstructs, so the unmasking server inverts once per holder set, not per owner."""
+    weights = []
+    for j, xj in enumerate(xs):
         num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
+        for m, xm in enumerate(xs):
             if m != j:
                 num = num * xm % prime
                 den = den * (xm - xj) % prime
-        total = (total + yj * num * pow(den, -1, prime)) % prime
-    return total
+        weights.append(num * pow(den, -1, prime) % prime)
+    return tuple(weights)
 
 
 def _check_xs(xs: list[int]) -> None:

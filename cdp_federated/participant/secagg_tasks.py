@@ -26,16 +26,29 @@ from ..crypto import shamir
 from ..errors import PolicyViolation, ProtocolError
 from ..federation.codec import Codec
 from ..federation.envelope import RelayKeyPair
-from ..federation.messages import FitIns, FitRes, Message, SecAggIns, SecAggRes, SecAggShare
+from ..federation.messages import (
+    FitIns,
+    FitRes,
+    GBMHistogramIns,
+    GBMHistogramRes,
+    Message,
+    SecAggIns,
+    SecAggRes,
+    SecAggShare,
+)
 from ..federation.relay import InProcessRelay, RelayChannel
 from ..privacy.compression import expand_fit_reply
+from ..privacy.dp_fedavg import CLIP_KEY
 from ..privacy.secagg import PAIRWISE, SELF, Reveal, SecAggClient, SecAggConfig, SharePacket
 from ..privacy.secagg_ring import RingEncoder
+from ..privacy.secagg_rounds import quantised_ring
 
 __all__ = [
     "SecAggTasks",
     "Contribution",
     "fit_contribution",
+    "histogram_contribution",
+    "task_contribution",
     "in_process_channels",
     "with_secure_aggregation",
     "packet_to_wire",
@@ -52,7 +65,14 @@ def fit_contribution(
 ) -> tuple[np.ndarray, list[str]]:
     """A FedAvg contribution: ``w * parameters``, ``w`` and ``w * metric`` for each numeric
     metric, with ``w = num_examples / total_examples`` (``weighting="samples"``) or 1 (uniform),
-    so the sum divided by the summed ``w`` is the weighted average FedAvg computes."""
+    so the sum divided by the summed ``w`` is the weighted average FedAvg computes.
+
+    When the job compresses (``config["quantise"]``), two statistics close the layout, for the
+    coordinator's next scale: ``stat:peak2``, the square of the largest coordinate of the
+    weighted update ``w * (parameters - global)``, and ``stat:clipped``, the fraction of them
+    over this round's scale (each only ever seen summed over the participants); when the round
+    has a scale, that weighted update replaces ``w * parameters`` as the first entry
+    (``update[d]``, coded in a narrow ring)."""
     if not isinstance(request, FitIns):
         raise ProtocolError(
             "secure aggregation of this task is not supported",
@@ -72,10 +92,55 @@ def fit_contribution(
         if isinstance(v, int | float) and not isinstance(v, bool)
     )
     theta = np.asarray(reply.parameters, dtype=np.float64)
-    values = np.concatenate(
-        [weight * theta, [weight], [weight * float(reply.metrics[k]) for k in names]]
-    )
-    return values, [f"parameters[{theta.size}]", "weight", *(f"metric:{k}" for k in names)]
+    metrics = [weight * float(reply.metrics[k]) for k in names]
+    tail = ["weight", *(f"metric:{k}" for k in names)]
+    quantise = config.get("quantise")
+    if not quantise:
+        values = np.concatenate([weight * theta, [weight], metrics])
+        return values, [f"parameters[{theta.size}]", *tail]
+    update = weight * (theta - np.asarray(request.parameters, dtype=np.float64))
+    peak = float(np.abs(update).max()) if update.size else 0.0
+    stats, names = [peak * peak, 0.0], ["stat:peak2", "stat:clipped"]
+    if quantise["scale"] is None:  # no shared scale yet: this round is summed uncompressed
+        values = np.concatenate([weight * theta, [weight], metrics, stats])
+        return values, [f"parameters[{theta.size}]", *tail, *names]
+    stats[1] = float(np.mean(np.abs(update) > float(np.float32(quantise["scale"]))))
+    values = np.concatenate([update, [weight], metrics, stats])
+    return values, [f"update[{theta.size}]", *tail, *names]
+
+
+def histogram_contribution(
+    request: Message, reply: Message, config: Mapping[str, Any]
+) -> tuple[np.ndarray, list[str]]:
+    """A GBM level's contribution: this participant's gradient then hessian histograms, flat
+    (``grad[k]``, ``hess[k]``), checked against the request first (the coordinator cannot
+    check one participant's histograms any more: it sees only the sum)."""
+    if not isinstance(request, GBMHistogramIns) or not isinstance(reply, GBMHistogramRes):
+        raise ProtocolError("the local task did not produce histograms", field="reply")
+    if (
+        (reply.tree, reply.depth) != (request.tree, request.depth)
+        or not np.array_equal(reply.nodes, request.build_nodes)
+        or reply.grad.shape != reply.hess.shape
+        or reply.grad.shape[:2] != (request.build_nodes.size, request.features.size)
+        or not (reply.hess >= 0).all()
+    ):
+        raise ProtocolError(
+            "the local histograms do not answer the level asked for",
+            field="gbm_histogram_res",
+            value=[reply.tree, reply.depth, list(reply.grad.shape)],
+        )
+    grad = np.asarray(reply.grad, dtype=np.float64).ravel()
+    hess = np.asarray(reply.hess, dtype=np.float64).ravel()
+    return np.concatenate([grad, hess]), [f"grad[{grad.size}]", f"hess[{hess.size}]"]
+
+
+def task_contribution(
+    request: Message, reply: Message, config: Mapping[str, Any]
+) -> tuple[np.ndarray, list[str]]:
+    """The contribution of whichever task the round wraps: FedAvg fits or GBM histograms."""
+    if isinstance(request, GBMHistogramIns):
+        return histogram_contribution(request, reply, config)
+    return fit_contribution(request, reply, config)
 
 
 def packet_to_wire(packet: SharePacket, session: str) -> SecAggShare:
@@ -123,6 +188,25 @@ def _ring(config: Mapping[str, Any]) -> RingEncoder:
     return RingEncoder(**settings)
 
 
+def _quantise(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    settings = config.get("quantise")
+    if settings is None:
+        return None
+    if (
+        not isinstance(settings, dict)
+        or set(settings) != {"bits", "scale"}
+        or settings["bits"] not in (4, 8)
+        or not isinstance(settings["scale"], int | float | None)
+    ):
+        raise ProtocolError(
+            "the in-ring compression settings are malformed",
+            field="config.quantise",
+            value=settings,
+            fix="send bits (4 or 8) and a positive scale (or none: peaks only)",
+        )
+    return settings
+
+
 @dataclass
 class _Session:
     client: SecAggClient
@@ -137,9 +221,10 @@ class SecAggTasks:
     is kept in memory: a participant that restarts mid-round has dropped out of it.
 
     The participant's policy, enforced here rather than trusted to the coordinator: with
-    ``require_secure`` a bare ``FitIns`` (an update in the clear) is refused; with
-    ``min_participants`` it sits out (raises :class:`PolicyViolation`) any stage whose roster
-    is smaller, so its key shares, masked input and reveals never serve a smaller sum."""
+    ``require_secure`` a bare ``FitIns`` or ``GBMHistogramIns`` (an update or histograms in
+    the clear) is refused; with ``min_participants`` it sits out (raises
+    :class:`PolicyViolation`) any stage whose roster is smaller, so its key shares, masked
+    input and reveals never serve a smaller sum."""
 
     def __init__(
         self,
@@ -147,7 +232,7 @@ class SecAggTasks:
         handler: Callable[[Message], Message],
         channel_for: Callable[[str], RelayChannel],
         *,
-        contribution: Contribution = fit_contribution,
+        contribution: Contribution = task_contribution,
         timeout: float = 30.0,
         codec: Codec | None = None,
         require_secure: bool = False,
@@ -165,7 +250,7 @@ class SecAggTasks:
 
     def handle(self, message: Message) -> Message:
         if not isinstance(message, SecAggIns):
-            if self._require_secure and isinstance(message, FitIns):
+            if self._require_secure and isinstance(message, FitIns | GBMHistogramIns):
                 raise PolicyViolation(
                     "this participant's policy requires secure aggregation: it sends no update "
                     "in the clear",
@@ -206,11 +291,20 @@ class SecAggTasks:
         if isinstance(inner, SecAggIns):
             raise ProtocolError("a secure aggregation cannot wrap another", field="inner")
         ring = _ring(message.config)
+        quantise = _quantise(message.config)
         reply = self._handler(inner)
         values, layout = self._contribution(inner, reply, message.config)
         self._channel_for(message.job_id)  # publishes the relay key before peers seal to it
-        config = SecAggConfig(message.threshold, message.session, ring.bits)
-        client = SecAggClient(self.name, ring.encode(values), config)
+        if quantise is None or quantise["scale"] is None:
+            config = SecAggConfig(message.threshold, message.session, ring.bits)
+            vector = ring.encode(values)
+        else:  # codes in the narrowest ring that cannot wrap, extras in the 64-bit one
+            coded = quantised_ring(quantise, layout, ring)
+            config = SecAggConfig(message.threshold, message.session, ring.bits, coded.segments)
+            # under DP the decoded update must stay within the clip norm the noise assumes
+            clip = inner.config.get(CLIP_KEY) if isinstance(inner, FitIns) else None
+            vector = coded.encode(values, norm_bound=None if clip is None else float(clip))
+        client = SecAggClient(self.name, vector, config)
         # an abandoned aggregation of the same job is over: forget its secrets
         for name in [s for s, v in self._sessions.items() if v.job_id == message.job_id]:
             del self._sessions[name]

@@ -19,8 +19,11 @@ Secure aggregation: quantise *before* masking. With a scale shared by every part
 round (``shared_scale``, sent by the coordinator, every coordinate clipped to it), a decoded value
 is ``-s + code * 2 s / L``, affine in the code, so the ring sum of the integer codes of ``n``
 participants decodes to the sum of their updates with :func:`decode_code_sum`; ``n (2^bits - 1)``
-must stay below the ring size (2^32: 16 million participants at 8 bits). Per-block scales chosen by
-each participant are not summable; top-k is not either (every party keeps other coordinates).
+must stay below the ring size, and the codes travel in the narrowest ring that holds that sum
+(:class:`~.secagg_ring.QuantisedRing`: 2^16 for 20 parties at 8 bits; the coordinator marks such
+rounds ``compression_in_ring`` so :func:`compress_fit` leaves the quantising to the ring). Per-block
+scales chosen by each participant are not summable; top-k is not either (every party keeps other
+coordinates).
 
 Randomness for rounding comes from ``random_bytes`` (``secrets.token_bytes`` unless a test injects
 a seeded source), never ``numpy.random``.
@@ -285,7 +288,9 @@ def compress_fit(
     ``local - global`` compressed as ``params.compression`` says (``config["compression_scale"]``,
     when the coordinator sends one, is the round's shared quantisation scale)."""
     scheme = parse_compression(params.get("compression"), block=params.get("compression_block"))
-    if scheme.scheme == "none":
+    if scheme.scheme == "none" or config.get("compression_in_ring"):
+        # under secure aggregation the update is quantised once, inside the masked ring
+        # (participant/secagg_tasks.py), with the round's shared scale
         return FitRes(local_parameters, num_examples=num_examples, metrics=metrics)
     update = np.asarray(local_parameters, dtype=np.float64) - global_parameters
     if scheme.scheme == "topk":

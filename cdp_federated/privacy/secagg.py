@@ -24,7 +24,10 @@ Stages (each machine refuses a call out of order, and the server aborts with
 
 What the inputs are is the caller's business: :class:`~.secagg_ring.RingEncoder` turns floats
 (or integer codes of a quantiser, with ``frac_bits=0``) into ring elements and back, and refuses
-values whose sum could wrap. DP noise and compression apply before encoding.
+values whose sum could wrap. DP noise and compression apply before encoding. An input can also
+be a product of rings (``SecAggConfig.segments``: e.g. 16-bit quantiser codes next to a few
+64-bit fixed-point values), sent as its little-endian bytes: each segment is masked and summed in
+its own ring, from one keystream per seed, so compressed codes travel at their ring's width.
 
 Threat model: clients and the coordinator follow the protocol but the coordinator is curious
 (it sees every message it routes). It does not cover a coordinator that lies about dropouts to
@@ -41,12 +44,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..crypto import kex, shamir
-from ..crypto.prg import RING_DTYPES, expand
+from ..crypto.prg import RING_DTYPES, keystream
 from ..errors import ConfigError, ProtocolError, TrainingError
 
 __all__ = [
     "SecureAggregationAborted",
     "SecAggConfig",
+    "SEGMENT_BITS",
     "SharePacket",
     "Reveal",
     "SecAggClient",
@@ -56,6 +60,7 @@ __all__ = [
 ]
 
 SELF, PAIRWISE = "self", "pairwise"  # which secret a share or reveal belongs to
+SEGMENT_BITS = (8, 16, 32, 64)  # ring widths a segment of a product-of-rings input may have
 
 
 class SecureAggregationAborted(TrainingError):
@@ -65,15 +70,25 @@ class SecureAggregationAborted(TrainingError):
 @dataclass(frozen=True)
 class SecAggConfig:
     """One aggregation: ``threshold`` clients must survive every stage; ``session`` (unique per
-    job and round) binds every seed and commitment; the ring has ``bits`` (32 or 64) bits."""
+    job and round) binds every seed and commitment; the ring has ``bits`` (32 or 64) bits.
+    ``segments`` ((bits, count) pairs), when given, make the input a product of rings instead:
+    a uint8 vector holding ``count`` little-endian elements of each segment's ring in turn."""
 
     threshold: int
     session: str
     bits: int = 32
+    segments: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits not in RING_DTYPES:
             raise ConfigError("the ring is 32 or 64 bits", field="bits", value=self.bits)
+        for bits, count in self.segments:
+            if bits not in SEGMENT_BITS or not isinstance(count, int) or count < 0:
+                raise ConfigError(
+                    "a segment is (bits, count) with bits 8, 16, 32 or 64 and count >= 0",
+                    field="segments",
+                    value=(bits, count),
+                )
         if not isinstance(self.threshold, int) or self.threshold < 2:
             raise ConfigError(
                 "the secure-aggregation threshold must be at least 2",
@@ -86,7 +101,18 @@ class SecAggConfig:
 
     @property
     def dtype(self) -> np.dtype:
-        return RING_DTYPES[self.bits].newbyteorder("=")
+        """The dtype of an input (and of the sum): uint8 bytes for a product of rings."""
+        return np.dtype(np.uint8) if self.segments else RING_DTYPES[self.bits].newbyteorder("=")
+
+    def input_length(self, elements: int) -> int:
+        """The length of an input: ``elements`` ring elements, or a product of rings' bytes."""
+        return sum(b // 8 * c for b, c in self.segments) if self.segments else elements
+
+    def rings(self, length: int) -> _Rings:
+        """How to mask an input of ``length`` (in :attr:`dtype` units)."""
+        if self.segments:  # bytes on the wire: each segment little-endian
+            return _Rings(self.segments, "<")
+        return _Rings(((self.bits, length),), "=")  # one ring: the input's own (native) words
 
     def check_participants(self, count: int) -> None:
         """A threshold over half the participants: two disjoint groups of survivors cannot
@@ -143,16 +169,45 @@ def _stage_error(machine: str, expected: str, got: str) -> ProtocolError:
     )
 
 
-def _pairwise_mask(
-    me: str, peer: str, seed: bytes, length: int, bits: int, total: np.ndarray
-) -> None:
-    """Add the pair's mask to ``total`` with the sign the lower-named end uses (+) or the
-    higher (-): the two cancel in the sum."""
-    mask = expand(seed, length, bits)
-    if me < peer:
-        np.add(total, mask, out=total)
-    else:
-        np.subtract(total, mask, out=total)
+class _Rings:
+    """Masks an input, segment by segment in each segment's ring, from one keystream per seed
+    (a single ring is one segment). The scratch buffer is reused for every seed: masking with
+    n - 1 pairwise seeds allocates nothing per seed."""
+
+    def __init__(self, parts: tuple[tuple[int, int], ...], order: str) -> None:
+        """``order``: the byte order of the input's words ("<" for wire bytes, "=" native);
+        masks are the keystream read little-endian everywhere, so the pair's two ends agree
+        whatever machines they run on."""
+        self.views: list[tuple[np.dtype, int, int]] = []
+        self._masks: list[np.dtype] = []
+        start = 0
+        for bits, count in parts:
+            stop = start + bits // 8 * count
+            self.views.append((np.dtype(f"{order}u{bits // 8}"), start, stop))
+            self._masks.append(np.dtype(f"<u{bits // 8}"))  # the stream reads little-endian
+            start = stop
+        self.nbytes = start
+        self._scratch = np.empty(self.nbytes + 64, dtype=np.uint8)
+
+    def apply(self, total: np.ndarray, seed: bytes, sign: int) -> None:
+        """``total`` (the input's bytes, modified in place) plus or minus ``seed``'s mask."""
+        mask = keystream(seed, self.nbytes, out=self._scratch)
+        op = np.add if sign > 0 else np.subtract
+        for (dtype, start, stop), word in zip(self.views, self._masks, strict=True):
+            target = total[start:stop].view(dtype)
+            op(target, mask[start:stop].view(word), out=target, casting="unsafe")
+
+
+def _bytes_of(vector: np.ndarray) -> np.ndarray:
+    """A uint8 view of a contiguous vector's memory (writable when the vector is), which the
+    ring views of :class:`_Rings` read back in the vector's own byte order."""
+    return vector.view(np.uint8)
+
+
+def _pairwise_sign(me: str, peer: str) -> int:
+    """The lower-named end of a pair adds the pair's mask, the higher subtracts it: the two
+    cancel in the sum."""
+    return 1 if me < peer else -1
 
 
 # --- the client ------------------------------------------------------------------------------------
@@ -175,12 +230,14 @@ class SecAggClient:
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         array = np.asarray(vector)
-        if array.ndim != 1 or array.dtype != config.dtype:
+        expected = config.input_length(array.size)
+        if array.ndim != 1 or array.dtype != config.dtype or array.size != expected:
+            what = "the bytes of its rings" if config.segments else f"{config.bits}-bit elements"
             raise ConfigError(
-                f"the input must be a vector of {config.bits}-bit ring elements",
+                f"the input must be a vector of {what} ({expected} of them)",
                 field="vector",
                 value=f"{array.dtype}{list(array.shape)}",
-                fix="encode it with RingEncoder first",
+                fix="encode it with RingEncoder (or QuantisedRing) first",
             )
         self.name = name
         self.config = config
@@ -271,14 +328,15 @@ class SecAggClient:
                 )
             self._held[owner] = packet
         self._survivors = survivors
-        length, bits = self._vector.size, self.config.bits
-        total = self._vector.copy()
-        np.add(total, expand(self._seed, length, bits), out=total)
+        rings = self.config.rings(self._vector.size)
+        total = np.ascontiguousarray(self._vector).copy()
+        raw = _bytes_of(total)
+        rings.apply(raw, self._seed, +1)
         context, mine = self.config.session.encode(), self._roster[self.name]
         for peer in survivors:
             if peer != self.name:
                 seed = kex.pairwise_seed(self._key, self._roster[peer], context, my_public=mine)
-                _pairwise_mask(self.name, peer, seed, length, bits, total)
+                rings.apply(raw, seed, _pairwise_sign(self.name, peer))
         return total
 
     def unmask(self, survivors: Sequence[str]) -> list[Reveal]:
@@ -335,7 +393,7 @@ class SecAggServer:
         config.check_participants(len(set(participants)))
         self.participants = sorted(set(participants))
         self.config = config
-        self.length = length
+        self.length = config.input_length(length)  # bytes, for a product of rings
         self.stage = "advertise"
         self.state = _ServerState()
 
@@ -410,15 +468,23 @@ class SecAggServer:
                     self.state.rejected[holder] = f"bad share of {reveal.owner}'s {reveal.kind}"
                     continue
                 shares.setdefault((reveal.owner, expected_kind), []).append(reveal.share)
+        rings = self.config.rings(self.length)
         total = np.zeros(self.length, dtype=self.config.dtype)
+        raw = _bytes_of(total)
         for vector in self.state.masked.values():
-            np.add(total, vector, out=total)
-        bits, context = self.config.bits, self.config.session.encode()
+            for dtype, start, stop in rings.views:  # each segment wraps in its own ring
+                target = raw[start:stop].view(dtype)
+                np.add(
+                    target,
+                    _bytes_of(np.ascontiguousarray(vector))[start:stop].view(dtype),
+                    out=target,
+                )
+        context = self.config.session.encode()
         for owner in self.state.commitments:
             kind = SELF if owner in alive else PAIRWISE
             secret = self._rebuild(owner, kind, shares.get((owner, kind), []))
             if kind == SELF:
-                np.subtract(total, expand(secret, self.length, bits), out=total)
+                rings.apply(raw, secret, -1)
                 continue
             key = kex.private_from_bytes(secret)
             if kex.public_bytes(key) != self.state.roster[owner]:
@@ -432,11 +498,7 @@ class SecAggServer:
                 seed = kex.pairwise_seed(
                     key, self.state.roster[survivor], context, my_public=self.state.roster[owner]
                 )
-                mask = expand(seed, self.length, bits)
-                if survivor < owner:
-                    np.subtract(total, mask, out=total)
-                else:
-                    np.add(total, mask, out=total)
+                rings.apply(raw, seed, -_pairwise_sign(survivor, owner))
         return total
 
     def _rebuild(self, owner: str, kind: str, shares: list[shamir.Share]) -> bytes:

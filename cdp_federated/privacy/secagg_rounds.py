@@ -5,12 +5,25 @@
 aggregates, seeing only masked inputs and the sum.
 
 Enabled per job by ``params.secure_aggregation``: ``true``, or a mapping with ``threshold``
-(default: a majority of the round's participants), ``bits`` (64), ``frac_bits`` (32) and
-``bound`` (the largest magnitude of a weighted parameter or metric, default 1e6).
+(default: a majority of the round's participants), ``bits`` (64), ``frac_bits`` (32),
+``bound`` (the largest magnitude of a weighted parameter or metric, default 1e6) and
+``compression_scale`` (the first round's quantisation scale, see below).
+
+Compression inside the ring (``params.compression: int8|int4``): a participant sends, instead
+of ``w * parameters`` in the 64-bit ring, stochastic codes of its weighted *update*
+``w * (parameters - global)`` quantised with a scale the coordinator announces for the round
+(the same for everyone, so codes sum), summed in the narrowest ring that the participants'
+codes cannot wrap (:func:`~.secagg_ring.code_ring_bits`: 2^16 for 20 parties at 8 bits); weight
+and metrics stay fixed-point in the 64-bit ring next to them. The scale of round r + 1 is
+``1.5 * sqrt(sum_k (w_k max|update_k|)^2)`` of round r, itself a secure sum (at least every
+party's peak, so nothing is clipped unless updates grow by more than half); the first round uses
+``compression_scale`` when given, else runs uncompressed in the 64-bit ring to learn it.
+Top-k is refused: parties keep different coordinates, which do not sum.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from collections import Counter
@@ -26,6 +39,7 @@ from ..federation.codec import Codec
 from ..federation.messages import Failure, FitIns, FitRes, Message, SecAggIns, SecAggRes
 from ..federation.transport import Transport, undelivered
 from ..learning.strategy import FedAvg, Strategy
+from .compression import parse_compression
 from .secagg import (
     PAIRWISE,
     SELF,
@@ -34,9 +48,16 @@ from .secagg import (
     SecAggServer,
     SecureAggregationAborted,
 )
-from .secagg_ring import RingEncoder
+from .secagg_ring import QuantisedRing, RingEncoder
 
-__all__ = ["SecureSum", "secure_sum", "layout_length", "SecureFitAggregation", "from_params"]
+__all__ = [
+    "SecureSum",
+    "secure_sum",
+    "layout_length",
+    "quantised_ring",
+    "SecureFitAggregation",
+    "from_params",
+]
 
 _SIZED = re.compile(r"^(.*)\[(\d+)\]$")
 
@@ -44,6 +65,20 @@ _SIZED = re.compile(r"^(.*)\[(\d+)\]$")
 def layout_length(layout: Sequence[str]) -> int:
     """How many ring elements a layout names (``"name[k]"`` is k of them, any other name 1)."""
     return sum(int(m.group(2)) if (m := _SIZED.match(n)) else 1 for n in layout)
+
+
+def quantised_ring(
+    quantise: Mapping[str, Any], layout: Sequence[str], extras: RingEncoder
+) -> QuantisedRing:
+    """The in-ring compression both ends derive from the round's ``quantise`` settings
+    (``bits``, ``scale``: not None) and an input's ``layout`` (its first entry is coded)."""
+    return QuantisedRing(
+        code_bits=int(quantise["bits"]),
+        scale=float(quantise["scale"]),
+        size=layout_length(layout[:1]),
+        extras=extras,
+        count=layout_length(layout[1:]),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,17 +103,25 @@ def secure_sum(
     threshold: int,
     ring: Mapping[str, Any],
     weighting: str = "samples",
+    quantise: Mapping[str, Any] | None = None,
     codec: Codec | None = None,
 ) -> SecureSum:
     """Run one aggregation: each participant runs its ``requests`` task locally and the sum of
-    their contributions comes back. Raises :class:`~.secagg.SecureAggregationAborted` when fewer
-    than ``threshold`` participants are left at any stage."""
+    their contributions comes back. ``quantise`` (``bits``, ``scale``) sums the first entry of
+    the layout as shared-scale codes in a narrow ring (:func:`quantised_ring`). Raises
+    :class:`~.secagg.SecureAggregationAborted` when fewer than ``threshold`` participants are
+    left at any stage."""
     codec = codec or Codec()
     encoder = RingEncoder(**ring)
-    config = SecAggConfig(threshold, session, encoder.bits)
     dropped: dict[str, str] = {}
     base = {"job_id": job_id, "session": session, "threshold": threshold}
-    settings = {"ring": dict(ring), "weighting": weighting}
+    settings: dict[str, Any] = {"ring": dict(ring), "weighting": weighting}
+    if quantise is not None:  # scale None: no codes yet, only the peaks for the next round
+        scale = quantise["scale"]
+        settings["quantise"] = {
+            "bits": int(quantise["bits"]),
+            "scale": None if scale is None else float(scale),
+        }
 
     def ask(stage: str, names: Sequence[str], **fields: Any) -> dict[str, SecAggRes]:
         asked = {
@@ -96,15 +139,14 @@ def secure_sum(
 
     try:
         # 0. advertise: each participant runs its task and answers with a public key and a layout
+        frames: dict[int, np.ndarray] = {}  # one encoding per distinct request object
+        for message in requests.values():
+            if id(message) not in frames:
+                frames[id(message)] = np.frombuffer(codec.encode(message), dtype=np.uint8)
         answers = _request_all(
             transport,
             {
-                n: SecAggIns(
-                    stage="advertise",
-                    inner=np.frombuffer(codec.encode(m), dtype=np.uint8).copy(),
-                    config=settings,
-                    **base,
-                )
+                n: SecAggIns(stage="advertise", inner=frames[id(m)], config=settings, **base)
                 for n, m in requests.items()
             },
         )
@@ -124,6 +166,11 @@ def secure_sum(
         for name in [n for n, lay in layouts.items() if lay != layout]:
             dropped[name] = "advertise: its input is laid out differently from the others'"
             del keys[name]
+        coding = quantise is not None and quantise["scale"] is not None
+        coded = quantised_ring(settings["quantise"], layout, encoder) if coding else None
+        config = SecAggConfig(
+            threshold, session, encoder.bits, coded.segments if coded is not None else ()
+        )
         server = SecAggServer(list(requests), config, layout_length(layout))
         roster = server.receive_keys(keys)
 
@@ -158,7 +205,7 @@ def secure_sum(
     # a survivor that missed unmasking is still in the sum: only the others dropped out
     dropped = {n: why for n, why in dropped.items() if n not in survivors}
     return SecureSum(
-        encoder.decode(total),
+        encoder.decode(total) if coded is None else coded.decode(total, len(survivors)),
         tuple(layout),
         tuple(survivors),
         dict(sorted(dropped.items())),
@@ -223,6 +270,9 @@ class SecureFitAggregation:
     bound: float = 1e6
     weighting: str = "samples"
     last: SecureSum | None = None
+    compression_bits: int = 0  # 8 or 4: codes summed in a narrow ring (module docstring)
+    compression_scale: float | None = None  # the next round's shared scale, when known
+    clipped: float = 0.0  # the latest compressed round's mean fraction of clipped coordinates
 
     def collect_fits(
         self, transport: Transport, requests: Mapping[str, FitIns], round_number: int
@@ -234,6 +284,19 @@ class SecureFitAggregation:
         count = len(requests)
         threshold = self.threshold or count // 2 + 1
         ring = {"bits": self.bits, "frac_bits": self.frac_bits, "bound": self.bound}
+        request = next(iter(requests.values()))
+        quantise = None
+        if self.compression_bits:
+            # the agent replies uncompressed: the update is quantised once, in the ring
+            flagged: dict[int, FitIns] = {}  # one copy per distinct request: encoded once
+            for r in requests.values():
+                if id(r) not in flagged:
+                    flagged[id(r)] = dataclasses.replace(r, config={**r.config, IN_RING: True})
+            requests = {n: flagged[id(r)] for n, r in requests.items()}
+            # codes are of updates from one global vector, which decoding adds back
+            same = all(np.array_equal(r.parameters, request.parameters) for r in requests.values())
+            scale = self.compression_scale if same else None
+            quantise = {"bits": self.compression_bits, "scale": scale}
         result = secure_sum(
             transport,
             requests,
@@ -243,16 +306,25 @@ class SecureFitAggregation:
             threshold=threshold,
             ring={**ring, "parties": count},
             weighting=self.weighting,
+            quantise=quantise,
         )
         self.last = result
-        size = layout_length(result.layout[:1])
-        weight = float(result.total[size])
-        average = result.total[:size] / weight
+        values = dict(_entries(result))
+        first = result.layout[0]
+        weight = float(values["weight"][0])
+        average = values[first] / weight
+        if first.startswith("update["):  # coded updates: the global parameters are added back
+            average = np.asarray(request.parameters, dtype=np.float64) + average
+        if "stat:peak2" in values:  # the next round's scale, from this round's peaks
+            scale = np.float32(SCALE_MARGIN * np.sqrt(max(values["stat:peak2"][0], 0.0)))
+            # all-zero updates (or a scale float32 cannot hold): the next round goes uncompressed
+            self.compression_scale = float(scale) if 0 < scale < np.inf else None
+            self.clipped = float(values["stat:clipped"][0]) / len(result.survivors)
         metrics = {
-            name.removeprefix("metric:"): float(result.total[size + 1 + i]) / weight
-            for i, name in enumerate(result.layout[2:])
+            name.removeprefix("metric:"): float(v[0]) / weight
+            for name, v in values.items()
+            if name.startswith("metric:")
         }
-        request = next(iter(requests.values()))
         total_examples = float(request.config.get("total_examples") or 0)
         examples = (
             round(weight * total_examples) if self.weighting == "samples" else len(result.survivors)
@@ -267,6 +339,16 @@ class SecureFitAggregation:
             for name, reason in result.dropped.items()
         }
         return results, failures
+
+
+def _entries(result: SecureSum) -> list[tuple[str, np.ndarray]]:
+    """The layout's names with their slices of the sum (``"name[k]"`` has k values)."""
+    out, start = [], 0
+    for name in result.layout:
+        stop = start + layout_length([name])
+        out.append((name, result.total[start:stop]))
+        start = stop
+    return out
 
 
 def from_params(
@@ -290,14 +372,43 @@ def from_params(
         )
     if value is True:
         value = {}
-    if not isinstance(value, Mapping) or set(value) - {"threshold", "bits", "frac_bits", "bound"}:
+    if not isinstance(value, Mapping) or set(value) - _SETTINGS:
         raise ConfigError(
-            "params.secure_aggregation is true or a mapping of threshold, bits, frac_bits, bound",
+            "params.secure_aggregation is true or a mapping of "
+            + ", ".join(sorted(_SETTINGS, key=len)),
             field="params.secure_aggregation",
             value=value,
             fix="e.g. secure_aggregation: {threshold: 3, bits: 64}",
         )
+    value = dict(value)
+    scheme = parse_compression(params.get("compression"), block=params.get("compression_block"))
+    if scheme.scheme == "topk":
+        raise ConfigError(
+            "top-k updates cannot be summed under secure aggregation: each party keeps "
+            "different coordinates",
+            field="params.compression",
+            value=params.get("compression"),
+            fix="use int8 or int4 with secure aggregation (quantised inside the ring)",
+        )
+    scale = value.pop("compression_scale", None)
+    if scale is not None and not (
+        isinstance(scale, int | float) and not isinstance(scale, bool) and 0 < scale < np.inf
+    ):
+        raise ConfigError(
+            "the first round's compression scale must be a positive number",
+            field="params.secure_aggregation.compression_scale",
+            value=scale,
+            fix="a bound on each party's weighted update coordinates, e.g. 0.05; or leave it "
+            "out and the first round runs uncompressed",
+        )
+    if scheme.bits:
+        value |= {"compression_bits": scheme.bits, "compression_scale": scale}
     return SecureFitAggregation(job_id, weighting=weighting, **dict(value))
+
+
+_SETTINGS = {"threshold", "bits", "frac_bits", "bound", "compression_scale"}
+SCALE_MARGIN = 1.5  # room for updates to grow from one round to the next before clipping
+IN_RING = "compression_in_ring"  # FitIns.config flag: reply uncompressed, SecAggTasks quantises
 
 
 def _sums_uniformly(strategy: Strategy) -> bool:

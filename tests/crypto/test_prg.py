@@ -45,3 +45,16 @@ def test_pairwise_seeds_agree_and_bind_the_context():
     assert ab != kex.pairwise_seed(a, kex.public_bytes(c), b"s1")
     with pytest.raises(ProtocolError, match="small-order"):
         kex.pairwise_seed(a, bytes(32), b"s1")
+
+
+def test_keystream_into_a_reused_buffer_matches_expand_and_checks_its_size():
+    from cdp_federated.crypto.prg import keystream
+
+    seed, other = bytes(range(32)), bytes(32)
+    buffer = np.empty(4000 + 63, dtype=np.uint8)
+    first = keystream(seed, 4000, out=buffer).copy()
+    assert np.array_equal(first.view("<u4"), expand(seed, 1000, 32))
+    assert not np.array_equal(keystream(other, 4000, out=buffer), first)  # overwritten in place
+    assert np.array_equal(keystream(seed, 4000, out=buffer), first)
+    with pytest.raises(ConfigError, match="too small"):
+        keystream(seed, 4000, out=np.empty(4000, dtype=np.uint8))

@@ -85,11 +85,27 @@ def test_dp_secure_aggregation_and_int8_compose(monkeypatch, capsys, files, tmp_
     assert code == 0, err
     assert result["noise_multiplier"] == 0.5 and result["sampling_rate"] == 1.0
     assert result["delta"] == 1e-5 and result["epsilon"] > 0
-    assert result["secure_aggregation"] == {"participants": 5, "dropped": 0, "recovered": 0}
+    assert result["secure_aggregation"] == {
+        "participants": 5,
+        "dropped": 0,
+        "recovered": 0,
+        "compression": {"scheme": "int8", "code_ring_bits": 16, "uncompressed_rounds": 1},
+    }
     code, clear, _ = _simulate(monkeypatch, capsys, files, tmp_path, *dp)
     assert (clear["epsilon"], clear["noise_multiplier"]) == (result["epsilon"], 0.5)
-    # int8 codes are expanded into the 2^64 ring before masking: no byte saving under masking
+    # 7 weights: keys, commitments and shares outweigh the codes saved at this size
     assert result["bytes_sent"] > clear["bytes_sent"]
+
+
+def test_int8_and_int4_are_quantised_inside_the_ring(monkeypatch, capsys, files, tmp_path):
+    code, secure, _ = _simulate(monkeypatch, capsys, files, tmp_path, "--secure-aggregation")
+    assert code == 0
+    for scheme, ring in (("int8", 16), ("int4", 8)):  # 5 x 255 < 2^16, 5 x 15 < 2^8
+        extra = ("--secure-aggregation", "--compress", scheme)
+        code, result, err = _simulate(monkeypatch, capsys, files, tmp_path, *extra)
+        assert code == 0, err
+        assert result["secure_aggregation"]["compression"]["code_ring_bits"] == ring
+        assert abs(result["auc"] - secure["auc"]) <= 0.01
 
 
 def test_dp_over_secure_aggregation_adds_noise_to_the_same_sum(
@@ -111,9 +127,22 @@ def test_dp_over_secure_aggregation_adds_noise_to_the_same_sum(
         (("--secure-aggregation", "--dropout", "0.6"), "--dropout"),
         (("--secure-aggregation", "--dropout", "1.0"), "--dropout"),
         (("--secure-aggregation", "--aggregation", "median"), "--aggregation"),
-        (("--secure-aggregation", "--model", "gbm"), "--secure-aggregation"),
+        (("--secure-aggregation", "--model", "gbm", "--dropout", "0.2"), "--dropout"),
+        (("--secure-aggregation", "--compress", "topk:3"), "--compress"),
     ],
 )
 def test_unsupported_combinations_are_refused(monkeypatch, capsys, files, tmp_path, extra, option):
     code, _, err = _simulate(monkeypatch, capsys, files, tmp_path, *extra)
     assert code == 2 and option in err
+
+
+def test_gbm_histograms_through_secure_aggregation(monkeypatch, capsys, files, tmp_path):
+    gbm = ("--model", "gbm", "--param", "max_depth=2", "--param", "max_bins=8")
+    code, plain, err = _simulate(monkeypatch, capsys, files, tmp_path, *gbm)
+    assert code == 0, err
+    code, secure, err = _simulate(
+        monkeypatch, capsys, files, tmp_path, *gbm, "--secure-aggregation"
+    )
+    assert code == 0, err
+    assert secure["auc"] == plain["auc"] and secure["logloss"] == plain["logloss"]
+    assert secure["secure_aggregation"] == {"participants": 5, "dropped": 0, "recovered": 0}
