@@ -22,7 +22,11 @@ reply frame's size to a trivial ASGI endpoint (uvicorn on loopback, in this proc
 answers with the request frame's size, each participant on its own thread and ``httpx.Client``.
 ``raw.concurrent`` is the wall time of all participants' round trips started together,
 ``raw.sequential`` of them one after another. Overhead per round = the round's wall time minus the
-median raw round of the same mode; median and p90 over the timed rounds, in milliseconds.
+median raw round of the same mode; median and p90 over the timed rounds, in milliseconds;
+``overhead_to_raw`` is the median overhead over the median raw round. Because the machine may be
+shared, CPU is reported as well: ``process_cpu_per_round`` is this process's CPU time per round
+(with ``--processes``, the coordinator's alone: the figure that least depends on the load) and
+``participants_cpu_per_round_ms`` the participant processes' together (Linux ``/proc``).
 
 By default everything runs in one Python process, so the participants' threads compete with the
 coordinator for the GIL and the round's work is mostly serialised; ``--processes`` runs each
@@ -40,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -155,19 +159,42 @@ def time_rounds(
     parameters: np.ndarray,
     rounds: int,
     warmup: int,
+    cpu: list[float],
+    children: Sequence[int] = (),
+    children_cpu: list[float] | None = None,
 ) -> list[float]:
+    """Each timed round's wall time; appends its CPU time in this process to ``cpu``, and that
+    of the ``children`` processes (participants) to ``children_cpu``."""
     walls = []
     for r in range(1, warmup + rounds + 1):
         requests = fit_requests(names, r, parameters)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        others = cpu_seconds(children)
         replies = ask(requests)
         wall = time.perf_counter() - started
+        spent = time.process_time() - cpu_started
+        others = cpu_seconds(children) - others
         bad = [n for n, reply in replies.items() if not isinstance(reply, FitRes)]
         if bad:
             raise RuntimeError(f"round {r}: no FitRes from {bad}: {replies[bad[0]]}")
         if r > warmup:
             walls.append(wall)
+            cpu.append(spent)
+            if children_cpu is not None and children:
+                children_cpu.append(others)
     return walls
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of processes ``pids`` so far (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK") if total else 0.0
 
 
 def time_raw(
@@ -261,7 +288,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             transport = QueueTransport(coordinator.state, JOB_ID, names, deadline=120.0, stop=stop)
 
             modes = set(args.modes.split(","))
-            walls = {}
+            walls: dict[str, list[float]] = {}
+            cpu: dict[str, list[float]] = {"sequential": [], "concurrent": []}
+            participants_cpu: list[float] = []  # concurrent mode, --processes only
             if "sequential" in modes:
                 walls["sequential"] = time_rounds(
                     lambda requests: {n: transport.request(n, m) for n, m in requests.items()},
@@ -269,11 +298,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     parameters,
                     args.rounds,
                     args.warmup,
+                    cpu["sequential"],
                 )
             # request_many is absent before it was added ("before" runs)
             if "concurrent" in modes and hasattr(transport, "request_many"):
                 walls["concurrent"] = time_rounds(
-                    transport.request_many, names, parameters, args.rounds, args.warmup
+                    transport.request_many,
+                    names,
+                    parameters,
+                    args.rounds,
+                    args.warmup,
+                    cpu["concurrent"],
+                    [child.pid for child in children],
+                    participants_cpu,
                 )
             raw = time_raw(raw_url, names, reply_bytes, request_bytes, args.rounds, args.warmup)
             coordinator.state.job_finished(JOB_ID, result={})
@@ -305,6 +342,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "round_wall": stats(walls[mode]),
             "raw_round": stats(raw[mode]),
             "overhead": stats([w - baseline for w in walls[mode]]),
+            # with --processes: the coordinator's CPU per round (the participants' is not in it)
+            "process_cpu_per_round": stats(cpu[mode]),
+            # with --processes: all participants' CPU per round, mean (/proc counts in 10 ms ticks)
+            **(
+                {
+                    "participants_cpu_per_round_ms": round(
+                        1000.0 * sum(participants_cpu) / len(participants_cpu), 1
+                    )
+                }
+                if mode == "concurrent" and participants_cpu
+                else {}
+            ),
+            "overhead_to_raw": round(
+                float(np.median(walls[mode]) - baseline) / baseline if baseline else 0.0, 2
+            ),
         }
     return {
         "benchmark": "runtime_overhead",

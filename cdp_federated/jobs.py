@@ -17,8 +17,8 @@ class JobSpec:
     """
 
     job_id: str
-    kind: str  # "horizontal" (vertical arrives with the vertical issue)
-    model: str  # "logreg"
+    kind: str  # "horizontal" or "vertical" (its parties and roles: params, see vertical_job.py)
+    model: str  # "logreg", "linear", "gbm"; vertical: "secureboost" or "logreg"
     purpose: str
     features: tuple[str, ...]
     label: str

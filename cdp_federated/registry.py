@@ -52,7 +52,12 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # 2: name, version, objective, code_version, card notes and content_sha256
-KINDS = {"logreg": ("binary",), "linear": ("regression", "binary"), "gbm": ("binary", "regression")}
+KINDS = {
+    "logreg": ("binary",),
+    "linear": ("regression", "binary"),
+    "gbm": ("binary", "regression"),
+    "vertical": ("binary", "regression"),  # one owner's part of a vertical model
+}
 
 # Estimator document format -> the class (or "module:Class", imported on first use) that loads it.
 _FORMATS: dict[str, Any] = {}

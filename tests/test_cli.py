@@ -104,3 +104,51 @@ def test_typed_errors_exit_2_with_one_line(monkeypatch, capsys, tmp_path):
 def test_default_store_lives_under_the_data_dir(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "db", "init")
     assert code == 0 and str(tmp_path / "data" / "cdp.sqlite") in err
+
+
+class _StatusClient:
+    """Replays job statuses as the coordinator would return them while the job runs."""
+
+    def __init__(self, statuses):
+        self.statuses = list(statuses)
+
+    def job_status(self, job_id, wait=None):
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+
+def _status(state, history, metrics=None):
+    return {
+        "job_id": "j1",
+        "status": state,
+        "rounds": 3,
+        "rounds_done": len(history),
+        "history": history,
+        "metrics": metrics or {},
+    }
+
+
+@pytest.mark.parametrize(
+    ("history", "metrics", "expected"),
+    [
+        # a GBM job: tree entries carry no train_loss, regression reports rmse/mae
+        ([{"round": 1, "leaves": 4, "splits": 3}], {"rmse": 1.25, "mae": 0.5}, "rmse 1.2500"),
+        # a vertical job: a null loss, binary metrics without logloss
+        ([{"round": 1, "train_loss": None}], {"auc": 0.75}, "auc 0.7500"),
+        ([{"round": 1, "train_loss": 0.5}], {"auc": 0.8, "logloss": 0.4}, "logloss 0.4000"),
+    ],
+)
+def test_job_follow_and_status_handle_every_model_kind(capsys, history, metrics, expected):
+    from cdp_federated.cli.runtime import _follow, _print_status
+
+    client = _StatusClient(
+        [
+            _status("running", []),
+            _status("running", history),
+            _status("succeeded", history, metrics),
+        ]
+    )
+    final = _follow(client, "j1", as_json=True)
+    _print_status(final, as_json=False)
+    line = capsys.readouterr().out
+    assert line.startswith("job j1: succeeded, rounds 1/3")
+    assert expected in line

@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +45,10 @@ def _yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Server options (not ServiceConfig fields): where to listen, TLS, and the leader lease.
+_SERVER_KEYS = ("host", "port", "tls_cert", "tls_key", "lease", "lease_seconds", "advertise_url")
+
+
 def _coordinator_settings(path: Path) -> tuple[Any, dict[str, Any]]:
     """The :class:`ServiceConfig` and the server options (host, port, TLS) from a YAML file."""
     from ..coordinator.service import ServiceConfig
@@ -51,7 +56,7 @@ def _coordinator_settings(path: Path) -> tuple[Any, dict[str, Any]]:
 
     data = _yaml(path)
     base = path.resolve().parent
-    server = {k: data.pop(k) for k in ("host", "port", "tls_cert", "tls_key") if k in data}
+    server = {k: data.pop(k) for k in _SERVER_KEYS if k in data}
     known = {f.name for f in fields(ServiceConfig)} | {"db"}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -59,7 +64,7 @@ def _coordinator_settings(path: Path) -> tuple[Any, dict[str, Any]]:
             f"unknown coordinator setting(s): {', '.join(unknown)}",
             field="--config",
             value=unknown[0],
-            fix=f"use host, port, tls_cert, tls_key and {', '.join(sorted(known))}",
+            fix=f"use {', '.join(_SERVER_KEYS)} and {', '.join(sorted(known))}",
         )
     db = str(data.pop("db", data.pop("db_url", "coordinator.sqlite")))
     if "://" not in db and not Path(db).is_absolute():
@@ -85,17 +90,62 @@ def coordinator_serve(
         Path | None, typer.Option(help="Write the bound port here once serving.")
     ] = None,
 ) -> None:
-    """Serve the coordinator's HTTP API (jobs, tasks, enrolment, JWKS) until interrupted."""
-    import uvicorn
+    """Serve the coordinator's HTTP API (jobs, tasks, enrolment, JWKS) until interrupted.
 
-    from ..coordinator.service import create_app
+    Several coordinators may share one database: the one holding the leader lease runs the jobs,
+    the others serve the API from the database as standbys and take over when the leader's lease
+    expires (``lease_seconds``, default 15; ``lease: false`` for a single process without one)."""
+    from contextlib import asynccontextmanager
+
+    import uvicorn
+    from starlette.concurrency import run_in_threadpool
+
+    from ..coordinator.lease import DEFAULT_LEASE_SECONDS, LeaderLease, lead_with_lease
+    from ..coordinator.service import Coordinator, create_app
 
     service, server_opts = _coordinator_settings(config)
     bind = host or server_opts.get("host") or "127.0.0.1"
     port = port if port is not None else int(server_opts.get("port", 8700))
     if bool(server_opts.get("tls_cert")) != bool(server_opts.get("tls_key")):
         raise ConfigError("give both tls_cert and tls_key, or neither", field="tls_cert")
-    application = create_app(service)
+    use_lease = server_opts.get("lease", True)
+    if not isinstance(use_lease, bool):
+        raise ConfigError("lease must be true or false", field="lease", value=use_lease)
+    coordinator = Coordinator.open(service, recover=not use_lease)
+    lease = keeper = None
+    if use_lease:
+        lease = LeaderLease(
+            coordinator.store,
+            seconds=server_opts.get("lease_seconds", DEFAULT_LEASE_SECONDS),
+            address=server_opts.get("advertise_url"),
+        )
+        keeper = lead_with_lease(coordinator, lease)  # leads at once if the lease is free
+        role = "leader" if keeper.leading else "standby"
+        typer.echo(f"coordinator {role} (lease token {lease.token})", err=True)
+    application = create_app(coordinator=coordinator)
+    stopped = threading.Event()
+
+    def stop() -> None:
+        """Jobs stop before the lease goes (nothing half-done), then a standby may take over at
+        its next look. Runs in the app's shutdown: uvicorn re-raises SIGTERM/SIGINT once it has
+        served, so nothing after ``server.run()`` would run then."""
+        if stopped.is_set():
+            return
+        stopped.set()
+        coordinator.runner.shutdown()
+        if keeper is not None:
+            keeper.stop(release=True)
+        coordinator.store.dispose()
+
+    app_lifespan = application.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        async with app_lifespan(app) as state:
+            yield state
+        await run_in_threadpool(stop)
+
+    application.router.lifespan_context = lifespan
     server = uvicorn.Server(
         uvicorn.Config(
             application,
@@ -116,6 +166,10 @@ def coordinator_serve(
             return
         bound = server.servers[0].sockets[0].getsockname()[1]
         scheme = "https" if server_opts.get("tls_cert") else "http"
+        if lease is not None and lease.address is None:
+            lease.address = f"{scheme}://{bind}:{bound}"  # what a standby's 503 names
+            if lease.token is not None:
+                lease.renew()
         if port_file is not None:
             tmp = port_file.with_suffix(port_file.suffix + ".tmp")
             tmp.write_text(str(bound))
@@ -123,7 +177,10 @@ def coordinator_serve(
         typer.echo(f"coordinator listening on {scheme}://{bind}:{bound}", err=True)
 
     threading.Thread(target=announce, daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    finally:
+        stop()  # when the server ended without a signal (or never started)
 
 
 @coordinator_app.command("enrol")
@@ -207,7 +264,8 @@ def _follow(client: Any, job_id: str, *, as_json: bool) -> dict[str, Any]:
         bar = progress.add_task(f"job {job_id}", total=status["rounds"], info=status["status"])
         while status["status"] not in ("succeeded", "failed"):
             status = client.job_status(job_id, wait=5)
-            loss = status["history"][-1]["train_loss"] if status["history"] else None
+            # GBM history entries are trees (no loss); vertical entries may carry a null loss
+            loss = status["history"][-1].get("train_loss") if status["history"] else None
             info = status["status"] + (f", loss {loss:.4f}" if loss is not None else "")
             progress.update(bar, completed=status["rounds_done"], info=info)
     return status
@@ -219,8 +277,9 @@ def _print_status(status: dict[str, Any], *, as_json: bool) -> None:
         return
     line = f"job {status['job_id']}: {status['status']}, rounds {status['rounds_done']}/{status['rounds']}"
     metrics = status.get("metrics") or {}
-    if "auc" in metrics:
-        line += f", auc {metrics['auc']:.4f}, logloss {metrics['logloss']:.4f}"
+    for name in ("auc", "logloss", "rmse", "mae"):  # whichever the model's objective reports
+        if isinstance(metrics.get(name), int | float):
+            line += f", {name} {metrics[name]:.4f}"
     if status.get("error"):
         line += f"\nerror: {status['error'].get('message')}"
     typer.echo(line)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -647,6 +647,22 @@ class MemoryReplayCache:
         return len(self._used)
 
 
+_MAX_VERIFIED = 4096  # tokens a verifier remembers (see TokenVerifier.verify)
+
+
+class _Times(NamedTuple):
+    """A verified token's ``exp``, ``iat`` and ``nbf`` (NumericDates as sent)."""
+
+    exp: float
+    iat: float
+    nbf: float | None
+
+
+def _times(payload: Mapping[str, Any]) -> _Times:
+    nbf = payload.get("nbf")
+    return _Times(float(payload["exp"]), float(payload["iat"]), None if nbf is None else float(nbf))
+
+
 def _reject(message: str, code: str, **kwargs: Any) -> AuthError:
     return AuthError(f"token rejected: {message}", code=code, **kwargs)
 
@@ -685,6 +701,7 @@ class TokenVerifier:
         clock: Callable[[], datetime] = utcnow,
         leeway: timedelta = DEFAULT_LEEWAY,
         is_active: Callable[[str], bool] | None = None,
+        is_known_active: Callable[[str], bool | None] | None = None,
     ) -> None:
         _check_text("issuer", issuer)
         _check_text("audience", audience)
@@ -703,7 +720,13 @@ class TokenVerifier:
         self.clock = clock
         self.leeway = leeway
         self.is_active = is_active
+        self.is_known_active = is_known_active
         self._jws = jwt.PyJWS(algorithms=[ALGORITHM])
+        # Tokens that verified, with the key that verified them and their times: a participant
+        # sends the same token on every request, and its signature need not be checked again.
+        # What can change is checked on every use: the key (rotated away or retired: a miss),
+        # the times, the subject's status. One-time tokens are never remembered.
+        self._verified: dict[str, tuple[Ed25519PublicKey, Claims, _Times]] = {}
 
     def _key(self, kid: str, now: datetime) -> Ed25519PublicKey | None:
         if self._ring is None:
@@ -714,9 +737,39 @@ class TokenVerifier:
             key = self._ring.public_key(kid, now)
         return key
 
+    def verify_remembered(self, token: str, *, now: datetime | None = None) -> Claims | None:
+        """:meth:`verify` without any I/O, for an event loop: the claims of a token that
+        verified before, once its key, times and subject (``is_known_active``: True, False, or
+        None when it would have to read) are checked again; None when that is not enough and
+        :meth:`verify` must run. Raises the :class:`AuthError` that :meth:`verify` would."""
+        remembered = self._verified.get(token) if isinstance(token, str) else None
+        if remembered is None or self.is_known_active is None:
+            return None
+        key, claims, times = remembered
+        moment = as_utc(now if now is not None else self.clock())
+        # (a ring's refresh reads files: on a miss verify() looks again)
+        ring = self._ring
+        current = ring.public_key(claims.kid, moment) if ring else self._key(claims.kid, moment)
+        if current != key:
+            return None
+        self._check_times(times, moment)
+        active = self.is_known_active(claims.sub)
+        if active is None:
+            return None
+        if not active:
+            raise _reject("subject is disabled or not enrolled", "disabled", field="sub")
+        return claims
+
     def verify(self, token: str, *, now: datetime | None = None) -> Claims:
         """The token's claims, or :class:`AuthError` (never containing the token)."""
         moment = as_utc(now if now is not None else self.clock())
+        remembered = self._verified.get(token) if isinstance(token, str) else None
+        if remembered is not None:
+            key, claims, times = remembered
+            if self._key(claims.kid, moment) == key:  # still verifies, and is the same key
+                self._check_times(times, moment)
+                self._check_active(claims)
+                return claims
         kid = self._check_header(token)
         key = self._key(kid, moment)
         if key is None:
@@ -732,8 +785,7 @@ class TokenVerifier:
         except ValueError:
             raise _reject("payload is not a JSON object", "malformed") from None
         claims = self._check_claims(payload, moment, kid)
-        if self.is_active is not None and not self.is_active(claims.sub):
-            raise _reject("subject is disabled or not enrolled", "disabled", field="sub")
+        self._check_active(claims)
         if claims.one_time:
             if self.replay_cache is None:
                 raise _reject("one-time tokens need a replay cache", "no_replay_cache")
@@ -741,7 +793,24 @@ class TokenVerifier:
                 claims.jti, expires_at=claims.expires_at + self.leeway, now=moment
             ):
                 raise _reject("one-time token was already used", "replayed", field="jti")
+            return claims
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()  # a participant's token is remembered again on its next use
+        self._verified[token] = (key, claims, _times(payload))
         return claims
+
+    def _check_active(self, claims: Claims) -> None:
+        if self.is_active is not None and not self.is_active(claims.sub):
+            raise _reject("subject is disabled or not enrolled", "disabled", field="sub")
+
+    def _check_times(self, times: _Times, now: datetime) -> None:
+        current, leeway = now.timestamp(), self.leeway.total_seconds()
+        if current >= times.exp + leeway:
+            raise _reject("token has expired", "expired", field="exp")
+        if times.nbf is not None and current + leeway < times.nbf:
+            raise _reject("token is not valid yet", "not_yet_valid", field="nbf")
+        if current + leeway < times.iat:
+            raise _reject("token was issued in the future", "not_yet_valid", field="iat")
 
     @staticmethod
     def _check_header(token: Any) -> str:
@@ -798,13 +867,7 @@ class TokenVerifier:
             raise _reject("audience does not match", "wrong_audience", field="aud")
         if exp - iat > MAX_TTL.total_seconds():
             raise _reject("token lifetime exceeds the maximum", "bad_claim", field="exp")
-        current, leeway = now.timestamp(), self.leeway.total_seconds()
-        if current >= exp + leeway:
-            raise _reject("token has expired", "expired", field="exp")
-        if nbf is not None and current + leeway < nbf:
-            raise _reject("token is not valid yet", "not_yet_valid", field="nbf")
-        if current + leeway < iat:
-            raise _reject("token was issued in the future", "not_yet_valid", field="iat")
+        self._check_times(_Times(exp, iat, nbf), now)
         return Claims(
             sub=sub,
             role=role,

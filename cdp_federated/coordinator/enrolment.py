@@ -15,6 +15,8 @@ import hashlib
 import re
 import secrets
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -124,10 +126,33 @@ class ParticipantRecord:
 
 
 class EnrolmentRegistry:
-    """Enrolment secrets and enrolled participants in the coordinator's ``store``."""
+    """Enrolment secrets and enrolled participants in the coordinator's ``store``.
 
-    def __init__(self, store: Store) -> None:
+    :meth:`is_active` runs on every authenticated request, so it remembers that a participant is
+    active for ``status_ttl`` seconds (``monotonic`` clock). :meth:`disable` and :meth:`redeem`
+    on this registry forget it at once, so a participant disabled here is refused on its very
+    next request; a participant disabled through another registry (another process on the same
+    database) is refused within ``status_ttl``. Only "active" is remembered: a refusal is
+    always read from the database."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        status_ttl: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
+        self.status_ttl = status_ttl
+        self._monotonic = monotonic
+        self._active_until: dict[str, float] = {}  # participant id -> remembered until
+        self._generation = 0  # bumped by every forget: a read older than it is not remembered
+        self._status_lock = threading.Lock()
+
+    def _forget_status(self, participant_id: str) -> None:
+        with self._status_lock:
+            self._generation += 1
+            self._active_until.pop(participant_id, None)
 
     def create(
         self,
@@ -224,6 +249,7 @@ class EnrolmentRegistry:
                 "participant_id",
             )
             conn.commit()
+        self._forget_status(row.participant_id)  # its role may have changed
         return Enrolment(row.participant_id, row.role)
 
     def disable(self, participant_id: str, now: datetime | None = None) -> None:
@@ -261,6 +287,7 @@ class EnrolmentRegistry:
                     fix="check the id (list the enrolled participants)",
                 )
             conn.commit()
+        self._forget_status(participant_id)  # after the commit: a read in between sees it
 
     def participant(self, participant_id: str) -> ParticipantRecord | None:
         with self.store.begin() as conn:
@@ -289,10 +316,27 @@ class EnrolmentRegistry:
                 for r in rows
             ]
 
+    def known_active(self, participant_id: str) -> bool | None:
+        """True when :meth:`is_active` remembers the participant as active, else None (it would
+        read the database): :class:`.auth.TokenVerifier`'s ``is_known_active``."""
+        until = self._active_until.get(participant_id)
+        return True if until is not None and self._monotonic() < until else None
+
     def is_active(self, participant_id: str) -> bool:
-        """Enrolled and not disabled (:class:`.auth.TokenVerifier`'s ``is_active``)."""
+        """Enrolled and not disabled (:class:`.auth.TokenVerifier`'s ``is_active``); see the
+        class docstring for how long an "active" answer is remembered."""
+        until = self._active_until.get(participant_id)
+        if until is not None and self._monotonic() < until:
+            return True
+        generation = self._generation
         record = self.participant(participant_id)
-        return record is not None and record.active
+        active = record is not None and record.active
+        if active and self.status_ttl > 0:
+            with self._status_lock:
+                # a disable committed while we read must not be overwritten by our older answer
+                if generation == self._generation:
+                    self._active_until[participant_id] = self._monotonic() + self.status_ttl
+        return active
 
 
 class StoreReplayCache:

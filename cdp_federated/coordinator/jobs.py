@@ -29,12 +29,19 @@ import pluggy
 from ..errors import CDPFederatedError, ConfigError
 from ..jobs import JobSpec
 from ..learning.gbm.params import GBMParams
+from ..vertical_job import VerticalJob
 from .checkpoint import decode_checkpoint, encode_checkpoint
 from .enrolment import EnrolmentRegistry, check_participant_id
 from .gbm_runner import GBMResult, run_horizontal_gbm
 from .queue_transport import JobInterrupted, QueueTransport
 from .runner import Checkpoint, HorizontalParams, HorizontalResult, RoundRecord, run_horizontal
 from .state import QUEUED, RUNNING, CoordinatorState
+from .vertical_runner import (
+    check_vertical_participants,
+    commit_progress,
+    not_resumable,
+    run_vertical,
+)
 
 __all__ = ["JobOptions", "JobRunner", "job_from_dict", "result_summary"]
 
@@ -121,12 +128,15 @@ def job_from_dict(data: Mapping[str, Any]) -> JobSpec:
             field="job",
             fix="give job_id (optional), kind, model, purpose, features, label, rounds, params",
         ) from None
-    if spec.kind != "horizontal" or spec.model not in SERVICE_MODELS:
+    vertical = spec.kind == "vertical"  # run by .vertical_runner between the parties
+    if not vertical and (spec.kind != "horizontal" or spec.model not in SERVICE_MODELS):
         raise ConfigError(
-            "the service runs horizontal logistic regression, linear regression and GBM jobs",
+            "the service runs horizontal logistic regression, linear regression and GBM jobs, "
+            "and vertical secureboost and logreg jobs",
             field="job.kind",
             value={"kind": spec.kind, "model": spec.model},
-            fix="use kind: horizontal and model: " + ", ".join(SERVICE_MODELS),
+            fix="use kind: horizontal and model: " + ", ".join(SERVICE_MODELS) + ", or kind: "
+            "vertical and model: secureboost or logreg",
         )
     if not spec.features or not all(isinstance(f, str) for f in spec.features):
         raise ConfigError("job needs a list of feature names", field="job.features")
@@ -134,7 +144,9 @@ def job_from_dict(data: Mapping[str, Any]) -> JobSpec:
         raise ConfigError("rounds must be a positive integer", field="job.rounds")
     if not isinstance(spec.params, dict):
         raise ConfigError("params must be an object", field="job.params")
-    if spec.model == "gbm":
+    if vertical:
+        VerticalJob.from_spec(spec)
+    elif spec.model == "gbm":
         GBMParams.from_mapping(spec.params, n_trees=spec.rounds)
     else:
         HorizontalParams.from_job(spec)
@@ -264,6 +276,9 @@ class JobRunner:
         for job_id in orphans:
             try:
                 record = self.state.job(job_id)
+                if record.spec.kind == "vertical":  # protocol state lived in the parties' memory
+                    self.state.job_finished(job_id, error=_error_dict(not_resumable(job_id)))
+                    continue
                 if record.spec.model == "gbm":
                     # Trees are not checkpointed yet: the job starts again from its first tree
                     # (deterministic, so it reaches the same model) with a fresh history.
@@ -303,6 +318,8 @@ class JobRunner:
         spec = job_from_dict(job)
         opts = JobOptions.from_dict(options)
         names = self._check_participants(participants)
+        if spec.kind == "vertical":
+            check_vertical_participants(spec, names, min_participants=opts.min_participants)
         if opts.min_participants is not None:
             if opts.min_participants > len(names):
                 raise ConfigError(
@@ -392,7 +409,17 @@ class JobRunner:
                 options.round_deadline_seconds,
                 stop=self.stop,
             )
-            if spec.model == "gbm":
+            if spec.kind == "vertical":
+                summary = run_vertical(
+                    spec,
+                    self.state,
+                    participants,
+                    options.round_deadline_seconds,
+                    stop=self.stop,
+                    on_progress=lambda done: commit_progress(self.state, job_id, done),
+                )
+                self.state.job_finished(job_id, result=summary)
+            elif spec.model == "gbm":
                 gbm = run_horizontal_gbm(
                     spec,
                     transport,
@@ -405,14 +432,16 @@ class JobRunner:
                     spec, transport, pm=self.pm, resume=resume, on_checkpoint=commit
                 )
                 self.state.job_finished(job_id, result=result_summary(result))
-        except JobInterrupted:
+        except JobInterrupted as exc:  # a stop, or a lost lease (LeaseLostError: logged)
             log.info(
-                "job %s interrupted by the coordinator stopping; it resumes on restart", job_id
+                "job %s interrupted (%s); it resumes from its last commit", job_id, exc.message
             )
         except Exception as exc:  # noqa: BLE001 - every failure is recorded in the job row
             log.warning("job %s failed: %s", job_id, exc)
             try:
                 self.state.job_finished(job_id, error=_error_dict(exc))
+            except JobInterrupted as lost:  # the lease went meanwhile: the new leader decides
+                log.warning("job %s: failure not recorded (%s)", job_id, lost.message)
             except Exception:  # noqa: BLE001 - the store itself failed; nothing more to record
                 log.exception("could not record the failure of job %s", job_id)
         finally:
@@ -422,6 +451,15 @@ class JobRunner:
     def running(self) -> list[str]:
         with self._lock:
             return sorted(self._threads)
+
+    def stop_jobs(self, timeout: float = 10.0) -> None:
+        """Stop every job thread (pending waits give up at once) and join them, leaving the
+        state open: a coordinator that lost its lease serves on as a standby."""
+        self.stop.set()
+        with self._lock:
+            threads = list(self._threads.values())
+        for thread in threads:
+            thread.join(timeout)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask every job to stop (pending waits give up at once) and join their threads."""

@@ -10,7 +10,7 @@ strategy treats the participant as a dropout, as it does any other failure.
 
 Latency: the participants of a round work concurrently, so a round costs about the slowest
 participant's reply time, and a silent participant costs one ``deadline`` per stage, not one per
-request. A waiting call wakes the moment a reply is written (a condition variable, no sleep loop)
+request. A waiting call wakes the moment a reply is written (an event of its own, no sleep loop)
 and then reads only the replies still missing; see ``docs/runtime.md`` and
 ``benchmarks/runtime_overhead.py`` for figures. ``request`` is a batch of one. Messages of a batch
 that would encode to the same bytes (a round's FitIns to every participant) are encoded once.

@@ -45,6 +45,7 @@ __all__ = [
     "results",
     "checkpoints",
     "job_resumes",
+    "leases",
     "relay_keys",
     "relay_envelopes",
     "create_coordinator_schema",
@@ -199,6 +200,23 @@ job_resumes = Table(
     Column("job_id", String(128), nullable=False, index=True),
     Column("from_round", Integer, nullable=False),
     Column("resumed_at", DateTime(timezone=True), nullable=False),
+)
+
+# The leader lease (coordinator.lease): which coordinator process may run jobs on this database.
+# ``token`` (the fencing token) grows by one on every acquisition; times are the database's clock
+# in seconds since the epoch; ``fenced_writes`` counts the holder's fenced commits (each one
+# updates the row, which also serialises it with a takeover).
+leases = Table(
+    "coord_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(256), nullable=False),
+    Column("address", String(512)),
+    Column("token", BigInteger, nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("renewed_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("fenced_writes", BigInteger, nullable=False, default=0),
 )
 
 

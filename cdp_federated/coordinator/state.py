@@ -3,9 +3,9 @@
 Everything lives in the coordinator's database (tables ``coord_jobs``, ``coord_tasks``,
 ``coord_results`` in :mod:`.schema`), so SQLite and PostgreSQL behave alike and a later release can
 resume from it after a crash. Within one process, waiters (a participant's long-poll, the job
-runner awaiting a reply) are woken by a :class:`threading.Condition` the moment a row they wait for
-is written, and re-check the database at least every ``recheck`` seconds, which also covers
-writes made by another worker process.
+runner awaiting a reply) are woken (each by an event of its own) the moment a row they wait for is
+written, and re-check the database at least every ``recheck`` seconds, which also covers writes
+made by another worker process.
 
 Delivery is at-least-once: a task stays deliverable to its participant until it is answered or
 its deadline passes, so a participant that crashed after receiving a task gets it again.
@@ -17,6 +17,14 @@ participant) share one ``coord_frames`` row, and this process delivers the frame
 memory. A reply to a task this process queued is handed to its job runner in memory; the result
 row then keeps only its digest (what idempotency needs): if this process dies, the round the
 reply belonged to is repeated on resume, so the reply itself would never be read again.
+
+The process also remembers the pending tasks it queued, so the per-request work on the hot path
+is one short transaction each: a poll finds its task in memory and marks it delivered (one
+``UPDATE`` that also checks it is still deliverable), a result for such a task is stored with one
+``UPDATE`` and one ``INSERT``, and the job runner learns of replies from memory. The database is
+still the truth: every acknowledgement is committed before it is sent, and tasks or results
+written by another process are found by the reads of the database that waiters make on start
+(a poll: at most every ``recheck`` seconds per participant) and every ``recheck`` seconds.
 """
 
 from __future__ import annotations
@@ -26,14 +34,13 @@ import json
 import secrets
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConflictError, ForbiddenError, NotFoundError
@@ -61,6 +68,45 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 PENDING, DONE, EXPIRED = "pending", "done", "expired"
 _LIGHT_TASK = [c for c in tasks.c if c.name != "request"]  # a task row without its frame
+
+# The statements of the per-request hot path, built once: building a statement costs about three
+# times as much CPU as executing it on SQLite (bound values: the b_* parameters).
+_DELIVER = (
+    update(tasks)
+    .where(
+        tasks.c.task_id == bindparam("b_task_id"),
+        tasks.c.status == PENDING,
+        tasks.c.deadline_at > bindparam("b_now"),
+        tasks.c.job_id.in_(select(jobs.c.job_id).where(jobs.c.status == RUNNING)),
+    )
+    .values(deliveries=tasks.c.deliveries + 1, last_delivered_at=bindparam("b_now"))
+)
+_DELIVER_RETURNING = _DELIVER.returning(tasks.c.deliveries)
+_MARK_DONE = (
+    update(tasks)
+    .where(
+        tasks.c.task_id == bindparam("b_task_id"),
+        tasks.c.status == PENDING,
+        tasks.c.deadline_at > bindparam("b_now"),
+    )
+    .values(status=DONE)
+)
+_INSERT_RESULT = insert(results)
+_INSERT_FRAMES = insert(frames)
+_INSERT_TASKS = insert(tasks)
+_DROP_UNNEEDED_FRAMES = delete(frames).where(  # frames no pending task of the job needs
+    frames.c.job_id == bindparam("b_job_id"),
+    frames.c.frame_id.not_in(
+        select(tasks.c.request_frame).where(
+            tasks.c.job_id == bindparam("b_job_id"),
+            tasks.c.status == PENDING,
+            tasks.c.request_frame.is_not(None),
+        )
+    ),
+)
+_REPLIES = select(results.c.task_id, results.c.reply).where(
+    results.c.task_id.in_(bindparam("b_task_ids", expanding=True))
+)
 
 
 def _from_db(value: datetime | None) -> datetime | None:
@@ -127,6 +173,7 @@ class TaskRecord:
     status: str
     deadline_at: datetime
     deliveries: int = 0
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -183,20 +230,46 @@ def _distinct_frames(requests: Sequence[bytes]) -> list[tuple[str, bytes]]:
     return out
 
 
-@dataclass
 class _Waiters:
-    """Wake-up counters: ``version`` counts every write; ``topics`` counts writes per topic
-    (``tasks:<participant>``, ``result:<task_id>``, or ``*`` for writes that concern everyone), so a
-    waiter that names its topics probes the database only when one of them changed."""
+    """Who waits for which writes. Each waiter registers an event under its topics
+    (``tasks:<participant>``, ``result:<task_id>``; a waiter without topics watches every write),
+    and a write sets only the events of its topics' waiters and of those that watch every write
+    (a write without topics concerns everyone and sets them all). So a reply wakes the job runner
+    that awaits it, not every waiting long-poll: a shared condition variable woke each of them
+    once per write."""
 
-    condition: threading.Condition = field(default_factory=threading.Condition)
-    version: int = 0
-    topics: Counter[str] = field(default_factory=Counter)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, set[threading.Event]] = {}  # topic (or EVERYONE) -> waiters
 
-    def seen(self, topics: Sequence[str]) -> Any:
-        if not topics:
-            return self.version
-        return tuple(self.topics[t] for t in (EVERYONE, *topics))
+    @contextmanager
+    def watching(self, topics: Sequence[str]) -> Iterator[threading.Event]:
+        """An event that writes of ``topics`` (none: every write) set while the block runs."""
+        event = threading.Event()
+        keys = tuple(topics) or (EVERYONE,)
+        with self._lock:
+            for key in keys:
+                self._events.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                for key in keys:
+                    waiting = self._events.get(key)
+                    if waiting is not None:
+                        waiting.discard(event)
+                        if not waiting:
+                            del self._events[key]
+
+    def notify(self, topics: Sequence[str]) -> None:
+        with self._lock:
+            if topics:
+                keys = (*topics, EVERYONE)
+                woken = set().union(*(self._events.get(key, ()) for key in keys))
+            else:
+                woken = set().union(*self._events.values())
+        for event in woken:
+            event.set()
 
 
 class CoordinatorState:
@@ -216,22 +289,27 @@ class CoordinatorState:
         self._waiters = _Waiters()
         self._closed = threading.Event()
         self._write_lock = threading.RLock() if store.dialect == "sqlite" else None
-        # request frames of the pending tasks this process queued, by task id: delivering one then
-        # reads no large value back from the database (dropped once the task is answered/expired)
-        self._frames: dict[str, bytes] = {}
+        # the pending tasks this process queued (with their request frames), by task id: a poll
+        # finds them and a result for one is stored without reading the task back, and no large
+        # value is read back from the database (dropped once the task is answered or expired)
+        self._queued: dict[str, TaskRecord] = {}
+        # when each participant's poll last read the database (tasks queued by other processes)
+        self._polled_db: dict[str, float] = {}
+        # the participants of each job (they never change: authorisation reads them per request)
+        self._participants: dict[str, tuple[str, ...]] = {}
         # replies to those tasks, by task id, until the job runner of this process takes them
         # (their result rows hold only the digest): (job id, frame, the decoded message or None)
         self._replies: dict[str, tuple[str, bytes, Any]] = {}
+        # the leader lease's check (coordinator.lease.LeaderLease.fence), run first in every
+        # transaction that moves a job on, so a coordinator that lost the lease cannot commit;
+        # None: no lease (one coordinator process per database)
+        self.fence: Callable[[Any], None] | None = None
 
     # --- wake-ups --------------------------------------------------------------------------------
 
     def _notify(self, *topics: str) -> None:
         """Wake the waiters of ``topics`` (none: every waiter) and those that watch every write."""
-        with self._waiters.condition:
-            self._waiters.version += 1
-            for topic in topics or (EVERYONE,):
-                self._waiters.topics[topic] += 1
-            self._waiters.condition.notify_all()
+        self._waiters.notify(topics)
 
     def _wait_for(
         self,
@@ -239,26 +317,29 @@ class CoordinatorState:
         timeout: float,
         stop: threading.Event | None,
         topics: Sequence[str] = (),
+        full_probe: Callable[[], Any] | None = None,
     ):
         """``probe()`` once it is truthy, or its last (falsy) value after ``timeout`` seconds.
         It probes again when a write of ``topics`` (none: any write) happened in this process, and
-        at least every ``recheck`` seconds for writes by other processes."""
+        at least every ``recheck`` seconds for writes by other processes. ``full_probe`` (default
+        ``probe``) is the one run first and on those rechecks; ``probe`` runs after a wake-up by
+        a write in this process, so it may look only at what this process keeps in memory."""
         end = time.monotonic() + max(0.0, timeout)
-        waiters = self._waiters
-        while True:
-            with waiters.condition:
-                seen = waiters.seen(topics)
-            value = probe()
-            now = time.monotonic()
-            if value or now >= end or self._closed.is_set() or (stop is not None and stop.is_set()):
-                return value
-            recheck_at = min(end, now + self.recheck)
-            with waiters.condition:
-                while waiters.seen(topics) == seen and not self._closed.is_set():
-                    left = recheck_at - time.monotonic()
-                    if left <= 0 or (stop is not None and stop.is_set()):
-                        break
-                    waiters.condition.wait(left)
+        full = full_probe or probe
+        woken = False  # by a write in this process (else: the first probe, or a recheck)
+        with self._waiters.watching(topics) as written:
+            while True:
+                written.clear()  # before the probe: a write during it wakes the wait below
+                value = (probe if woken else full)()
+                now = time.monotonic()
+                if (
+                    value
+                    or now >= end
+                    or self._closed.is_set()
+                    or (stop is not None and stop.is_set())
+                ):
+                    return value
+                woken = written.wait(min(end, now + self.recheck) - now)
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -270,6 +351,10 @@ class CoordinatorState:
             return
         with self._write_lock:
             yield
+
+    def _fenced(self, conn: Any) -> None:
+        if self.fence is not None:
+            self.fence(conn)
 
     @property
     def closed(self) -> bool:
@@ -357,15 +442,23 @@ class CoordinatorState:
 
     def job_participants(self, job_id: str) -> tuple[str, ...]:
         """The job's participants (what authorisation needs), without reading the rest of the
-        row; a :class:`NotFoundError` for an unknown job."""
+        row; a :class:`NotFoundError` for an unknown job. Remembered: they never change."""
+        known = self._participants.get(job_id)
+        if known is not None:
+            return known
         with self.store.begin() as conn:
             row = conn.execute(select(jobs.c.participants).where(jobs.c.job_id == job_id)).first()
         if row is None:
             raise NotFoundError("unknown job", field="job_id", value=job_id, fix="check the id")
-        return tuple(json.loads(row.participants))
+        known = self._participants[job_id] = tuple(json.loads(row.participants))
+        return known
 
     def task_owner(self, task_id: str) -> tuple[str, str] | None:
-        """``(participant_id, job_id)`` of a task, without reading its request frame."""
+        """``(participant_id, job_id)`` of a task, without reading its request frame (from memory
+        for a pending task this process queued)."""
+        queued = self._queued.get(task_id)
+        if queued is not None:
+            return queued.participant_id, queued.job_id
         with self.store.begin() as conn:
             row = conn.execute(
                 select(tasks.c.participant_id, tasks.c.job_id).where(tasks.c.task_id == task_id)
@@ -375,9 +468,9 @@ class CoordinatorState:
     def task_request(self, task_id: str) -> bytes | None:
         """A task's request frame: from memory when this process queued it, else the database
         (None for an unknown task, or an answered one whose job since queued newer frames)."""
-        frame = self._frames.get(task_id)
-        if frame is not None:
-            return frame
+        queued = self._queued.get(task_id)
+        if queued is not None:
+            return queued.request
         with self.store.begin() as conn:
             row = conn.execute(
                 select(tasks.c.job_id, tasks.c.request_frame).where(tasks.c.task_id == task_id)
@@ -416,6 +509,7 @@ class CoordinatorState:
         record whose ``round`` is not the next one is a :class:`ConflictError`: a round is
         committed once, so history and checkpoint never disagree."""
         with self._writing(), self.store.writer() as conn:
+            self._fenced(conn)
             row = conn.execute(select(jobs.c.history).where(jobs.c.job_id == job_id)).first()
             history = json.loads(row.history) if row else []
             number = record.get("round")
@@ -450,6 +544,7 @@ class CoordinatorState:
     def save_checkpoint(self, job_id: str, round_number: int, state: bytes) -> None:
         """Replace the job's checkpoint outside a round commit (round 0: standardisation done)."""
         with self._writing(), self.store.begin() as conn:
+            self._fenced(conn)
             self._put_checkpoint(conn, job_id, round_number, state)
 
     def _put_checkpoint(self, conn: Any, job_id: str, round_number: int, state: bytes) -> None:
@@ -486,6 +581,8 @@ class CoordinatorState:
                 .where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
                 .values(status=EXPIRED)
             ).rowcount
+        for task_id in [t for t, r in list(self._queued.items()) if r.job_id == job_id]:
+            self._queued.pop(task_id, None)
         self._notify()
         return expired
 
@@ -519,7 +616,7 @@ class CoordinatorState:
                 select(tasks.c.task_id).where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
             ).scalars()
             for task_id in expired:
-                self._frames.pop(task_id, None)
+                self._queued.pop(task_id, None)
             conn.execute(
                 update(tasks)
                 .where(tasks.c.job_id == job_id, tasks.c.status == PENDING)
@@ -533,6 +630,7 @@ class CoordinatorState:
 
     def _update_job(self, job_id: str, **values: Any) -> None:
         with self._writing(), self.store.begin() as conn:
+            self._fenced(conn)
             conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(**values))
         self._notify()
 
@@ -582,6 +680,7 @@ class CoordinatorState:
                 request=t.request,
                 status=PENDING,
                 deadline_at=now + deadline,
+                created_at=now,
             )
             for t in new
         ]
@@ -608,24 +707,20 @@ class CoordinatorState:
         ]
         bodies = dict(distinct)
         with self._writing(), self.store.begin() as conn:
+            self._fenced(conn)
             # frames no pending task of the job needs (earlier rounds) go before new ones come
-            needed = select(tasks.c.request_frame).where(
-                tasks.c.job_id == job_id,
-                tasks.c.status == PENDING,
-                tasks.c.request_frame.is_not(None),
-            )
+            conn.execute(_DROP_UNNEEDED_FRAMES, {"b_job_id": job_id})
             conn.execute(
-                delete(frames).where(frames.c.job_id == job_id, frames.c.frame_id.not_in(needed))
-            )
-            conn.execute(
-                insert(frames),
+                _INSERT_FRAMES,
                 [
                     {"job_id": job_id, "frame_id": i, "body": b, "created_at": now}
                     for i, b in bodies.items()
                 ],
             )
-            conn.execute(insert(tasks), rows)
-        self._frames.update((r.task_id, f) for r, (_, f) in zip(records, distinct, strict=True))
+            conn.execute(_INSERT_TASKS, rows)
+        self._queued.update(
+            (r.task_id, replace(r, request=f)) for r, (_, f) in zip(records, distinct, strict=True)
+        )
         self._notify(*sorted({f"tasks:{r.participant_id}" for r in records}))
         return records
 
@@ -653,8 +748,22 @@ class CoordinatorState:
             deliveries=row.deliveries,
         )
 
-    def _next_task(self, participant_id: str) -> TaskRecord | None:
+    def _next_task(self, participant_id: str, *, database: bool = True) -> TaskRecord | None:
+        """The participant's next task: one this process queued (from memory), else, when
+        ``database``, the oldest one in the database (queued by another process)."""
         now = self.clock()
+        mine = [
+            t
+            for t in list(self._queued.values())  # a copy: other threads add and drop tasks
+            if t.participant_id == participant_id and t.deadline_at > now
+        ]
+        for task in sorted(mine, key=lambda t: (t.created_at, t.seq)):
+            delivered = self._deliver(task, now)
+            if delivered is not None:
+                return delivered
+        if not database:
+            return None
+        self._polled_db[participant_id] = time.monotonic()
         with self.store.begin() as conn:
             # the task id first, then the row by key: ordering whole rows would copy every
             # candidate's request frame through SQLite's sorter
@@ -676,7 +785,8 @@ class CoordinatorState:
             if row is None:
                 return None
             # the frame as this process queued it (frames never change), else from the database
-            frame = self._frames.get(task_id)
+            queued = self._queued.get(task_id)
+            frame = queued.request if queued is not None else None
             if frame is None:
                 frame = self._stored_frame(conn, task_id, row)
             if frame is None:  # the job finished in between (its frames are deleted)
@@ -692,13 +802,52 @@ class CoordinatorState:
             )
         return self._task(row, frame)
 
+    def _deliver(self, task: TaskRecord, now: datetime) -> TaskRecord | None:
+        """Count a delivery of ``task`` (queued by this process) in one statement that also
+        checks it is still deliverable (pending, unexpired, its job running); None when not (a
+        task no longer pending is forgotten)."""
+        bound = {"b_task_id": task.task_id, "b_now": now}
+        status = None
+        with self._writing(), self.store.begin() as conn:
+            if conn.dialect.update_returning:
+                count = conn.execute(_DELIVER_RETURNING, bound).scalar()
+            elif conn.execute(_DELIVER, bound).rowcount == 1:  # e.g. SQLite before 3.35
+                count = conn.execute(
+                    select(tasks.c.deliveries).where(tasks.c.task_id == task.task_id)
+                ).scalar()
+            else:
+                count = None
+            if count is None:
+                status = conn.execute(
+                    select(tasks.c.status).where(tasks.c.task_id == task.task_id)
+                ).scalar()
+        if count is not None:
+            return replace(task, deliveries=count - 1)  # as before: the deliveries until now
+        if status != PENDING:  # answered or expired by another process, or gone
+            self._queued.pop(task.task_id, None)
+        return None
+
     def next_task(
         self, participant_id: str, *, wait: float = 0.0, stop: threading.Event | None = None
     ) -> TaskRecord | None:
         """The oldest unanswered, unexpired task of a running job for ``participant_id``,
-        waiting up to ``wait`` seconds for one to be queued (a long-poll)."""
+        waiting up to ``wait`` seconds for one to be queued (a long-poll).
+
+        Tasks this process queued come from memory, first. The database is read for tasks
+        another process queued when the wait starts, at most once every ``recheck`` seconds per
+        participant (a participant polls again right after each result), and on every recheck."""
+
+        def full() -> TaskRecord | None:
+            last = self._polled_db.get(participant_id)
+            due = last is None or time.monotonic() - last >= self.recheck
+            return self._next_task(participant_id, database=due)
+
         return self._wait_for(
-            lambda: self._next_task(participant_id), wait, stop, topics=(f"tasks:{participant_id}",)
+            lambda: self._next_task(participant_id, database=False),
+            wait,
+            stop,
+            topics=(f"tasks:{participant_id}",),
+            full_probe=full,
         )
 
     def expire_task(self, task_id: str) -> bool:
@@ -710,7 +859,7 @@ class CoordinatorState:
         if not task_ids:
             return 0
         for task_id in task_ids:
-            self._frames.pop(task_id, None)
+            self._queued.pop(task_id, None)
         with self._writing(), self.store.begin() as conn:
             return conn.execute(
                 update(tasks)
@@ -733,7 +882,13 @@ class CoordinatorState:
         digest = hashlib.sha256(reply).hexdigest()
         now = self.clock()
         # queued by this process (still pending): its job runner is here and takes it from memory
-        hand_over = task_id in self._frames
+        queued = self._queued.get(task_id)
+        hand_over = queued is not None
+        if queued is not None and queued.participant_id == participant_id:
+            ack = self._submit_queued(queued, digest, now)
+            if ack is not None:
+                self._handed_over(queued, reply, decoded)
+                return ack
         with self._writing(), self.store.writer() as conn:
             task = conn.execute(
                 select(
@@ -806,28 +961,75 @@ class CoordinatorState:
                 .values(status=DONE)
             )
             conn.commit()
-        if hand_over:  # a waiter that saw the empty row meanwhile finds it on the wake-up below
-            self._replies[task_id] = (task.job_id, reply, decoded)
-        self._frames.pop(task_id, None)
-        self._notify(f"result:{task_id}")
+        if hand_over and queued is not None:
+            self._handed_over(queued, reply, decoded)
+        else:
+            self._queued.pop(task_id, None)
+            self._notify(f"result:{task_id}")
         return Acknowledgement(task_id, task.job_id, participant_id, task.attempt, now)
 
-    def _take_replies(self, task_ids: Sequence[str]) -> dict[str, tuple[bytes, Any]]:
+    def _submit_queued(
+        self, task: TaskRecord, digest: str, now: datetime
+    ) -> Acknowledgement | None:
+        """The usual submission, of a first result for a pending task this process queued (so
+        its owner, job and attempt are known), in one short transaction: the task is marked done
+        only if it is still pending and unexpired, and the result's digest stored with it. None
+        when it was not (answered meanwhile, expired): the caller then takes the full path,
+        which answers with the stored acknowledgement or the right refusal."""
+        with self._writing(), self.store.writer() as conn:
+            done = conn.execute(_MARK_DONE, {"b_task_id": task.task_id, "b_now": now}).rowcount
+            if done != 1:
+                conn.rollback()
+                return None
+            created = task.created_at or now
+            try:
+                conn.execute(
+                    _INSERT_RESULT,
+                    {
+                        "task_id": task.task_id,
+                        "job_id": task.job_id,
+                        "participant_id": task.participant_id,
+                        "attempt": task.attempt,
+                        "reply": b"",  # handed over in memory: see the module docstring
+                        "reply_sha256": digest,
+                        "received_at": now,
+                        "seconds": max(0.0, (now - created).total_seconds()),
+                    },
+                )
+            except IntegrityError:  # a result row without its task marked done: the full path
+                conn.rollback()
+                return None
+            conn.commit()  # durable before the acknowledgement is sent
+        return Acknowledgement(task.task_id, task.job_id, task.participant_id, task.attempt, now)
+
+    def _handed_over(self, task: TaskRecord, reply: bytes, decoded: Any) -> None:
+        # a waiter that saw the empty row meanwhile finds the reply on the wake-up below
+        self._replies[task.task_id] = (task.job_id, reply, decoded)
+        self._queued.pop(task.task_id, None)
+        self._notify(f"result:{task.task_id}")
+
+    def _take_replies(
+        self, task_ids: Sequence[str], *, database: bool = True
+    ) -> dict[str, tuple[bytes, Any]]:
         """``(frame, decoded message or None)`` of the replies to ``task_ids`` that came so far,
         by task id: those handed over in memory (taken: each is returned once), then the rest
-        from the database."""
+        from the database. Without ``database``, tasks this process queued and that are still
+        pending here are not looked up (their replies come in memory; one posted to another
+        process is found by the next read with ``database``)."""
         found: dict[str, tuple[bytes, Any]] = {}
         for task_id in task_ids:
             handed = self._replies.pop(task_id, None)
             if handed is not None:
                 found[task_id] = handed[1:]
-        missing = sorted(set(task_ids) - found.keys())
+        # _handed_over stores the reply before it forgets the task, so a task that is not in
+        # _queued any more either has its reply in _replies or its row in the database
+        missing = sorted(
+            t for t in set(task_ids) - found.keys() if database or t not in self._queued
+        )
         if not missing:
             return found
         with self.store.begin() as conn:
-            rows = conn.execute(
-                select(results.c.task_id, results.c.reply).where(results.c.task_id.in_(missing))
-            ).all()
+            rows = conn.execute(_REPLIES, {"b_task_ids": missing}).all()
         for row in rows:
             if row.reply:
                 found[row.task_id] = (bytes(row.reply), None)
@@ -864,12 +1066,18 @@ class CoordinatorState:
         found: dict[str, tuple[bytes, Any]] = {}
         missing = set(task_ids)
 
-        def probe() -> bool:
+        def probe(database: bool = True) -> bool:
             if missing:
-                came = self._take_replies(sorted(missing))
+                came = self._take_replies(sorted(missing), database=database)
                 found.update(came)
                 missing.difference_update(came)
             return not missing
 
-        self._wait_for(probe, timeout, stop, tuple(f"result:{t}" for t in task_ids))
+        self._wait_for(
+            lambda: probe(database=False),
+            timeout,
+            stop,
+            tuple(f"result:{t}" for t in task_ids),
+            full_probe=probe,
+        )
         return found

@@ -65,6 +65,7 @@ from .http_client import CoordinatorClient, Task, TokenInfo
 from .pipeline import Funnel, check_policy, load_consented, split_train_test
 from .relay import http_relay_channel
 from .secagg_tasks import SecAggTasks
+from .vertical_tasks import participant_vertical_tasks
 
 __all__ = [
     "ClientConfig",
@@ -596,10 +597,12 @@ def run_participant(
         require_secure=policy.privacy.secure_aggregation == "required",
         min_participants=policy.minimums.participants_per_round or 0,
     )
+    vertical = participant_vertical_tasks(config, pipeline, client, keys, tasks.handle)
     audit: dict[str, Any] = {}
 
     def finished(job_id: str, status: str) -> None:
         channels.forget(job_id)
+        vertical.forget(job_id)
         summary = pipeline.close_job()
         if summary is not None:
             audit[job_id] = summary
@@ -610,7 +613,7 @@ def run_participant(
         stats = serve_tasks(
             client,
             config.participant_id,
-            tasks.handle,
+            vertical.handle,
             stop=stop,
             once=once,
             poll_wait=config.poll_wait_seconds,
@@ -621,6 +624,7 @@ def run_participant(
         pipeline.close_job()
         raise
     finally:
+        vertical.close()  # stop vertical protocol threads before their client goes
         client.close()
         store.dispose()
     return {"participant_id": config.participant_id, **stats.to_dict(), "audit": audit}
