@@ -43,6 +43,7 @@ from cdp_federated.learning.vertical import (
     SecureBoostParams,
 )
 from cdp_federated.learning.vertical.encoding import GHLayout, encode_fixed, pack_gh
+from cdp_federated.simulate_vertical import native_stdout_to_stderr
 
 
 def _timed(fn):
@@ -174,12 +175,13 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     out: dict = {"benchmark": "vertical_he", "cpus": os.cpu_count()}
-    for scheme in args.schemes.split(","):
-        out[scheme] = {}
-        if not args.no_primitives:
-            out[scheme]["primitives"] = primitives(scheme, args.rows, rng)
-        if not args.no_e2e:
-            out[scheme]["end_to_end"] = end_to_end(scheme, args, rng)
+    with native_stdout_to_stderr():  # HEU logs to fd 1: keep stdout pure JSON
+        for scheme in args.schemes.split(","):
+            out[scheme] = {}
+            if not args.no_primitives:
+                out[scheme]["primitives"] = primitives(scheme, args.rows, rng)
+            if not args.no_e2e:
+                out[scheme]["end_to_end"] = end_to_end(scheme, args, rng)
     out["load_average_end"] = load_average()
     print(json.dumps(out, indent=2))
 

@@ -38,6 +38,7 @@ from cdp_federated.learning.vertical import (
     VerticalLogRegPassive,
     fit_vertical_logreg,
 )
+from cdp_federated.simulate_vertical import native_stdout_to_stderr
 
 
 def _timed(fn):
@@ -152,8 +153,9 @@ def main() -> None:
         "epochs": args.epochs,
         "digits": args.digits,
         "cpu_count": os.cpu_count(),
-        "runs": [run(s, args, rng) for s in args.schemes.split(",")],
     }
+    with native_stdout_to_stderr():  # HEU logs to fd 1: keep stdout pure JSON
+        out["runs"] = [run(s, args, rng) for s in args.schemes.split(",")]
     print(json.dumps(out, indent=2))
 
 
