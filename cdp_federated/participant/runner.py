@@ -36,7 +36,7 @@ from typing import Any
 import pluggy
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..connector import ConnectorConfig, ConnectorRegistry
 from ..consent.ledger import allowed_ids
@@ -128,7 +128,8 @@ class ParticipantConfig(ClientConfig):
     ``consent_at`` the time consent is evaluated at (default: now, at each round);
     ``relay_key`` its X25519 relay key file for secure aggregation (created, mode 0600, when
     absent; default: ``<participant_id>-relay.pem`` next to ``token_file``, else next to
-    ``audit_key``).
+    ``audit_key``); ``he_workers`` the local processes a vertical job's HE work may use
+    (encryption at the label party, bucket sums at a passive one; 2 pays off from about 50k rows).
     """
 
     participant_id: str
@@ -141,6 +142,7 @@ class ParticipantConfig(ClientConfig):
     output_use: str | None = "scoring"
     poll_wait_seconds: float = 20.0
     relay_key: str | None = None
+    he_workers: int = Field(default=1, ge=1, le=64)
 
     def relay_key_path(self) -> Path:
         if self.relay_key:

@@ -129,8 +129,10 @@ class VerticalTasks:
         models_dir: Path,
         store: Any = None,
         published: Callable[[str], Any] | None = None,
+        he_workers: int = 1,
     ) -> None:
         self.name = name
+        self._he_workers = he_workers  # local processes for HE work: this party's own resources
         self._load = load
         self._channel_for = channel_for
         self._published = published
@@ -322,12 +324,16 @@ class VerticalTasks:
         if y is None or y_test is None:
             raise TrainingError("the active party has no labels", field="job.label")
         if vjob.model == "secureboost":
-            party: Any = ActiveParty(self.name, x, y, vjob.secureboost_params(), keys)
+            party: Any = ActiveParty(
+                self.name, x, y, vjob.secureboost_params(), keys, workers=self._he_workers
+            )
             session.progress = lambda: channel.trees
             fitted = party.fit(channel, vjob.passives)
             session.progress = lambda: vjob.job.rounds
         else:
-            party = VerticalLogRegActive(self.name, x, y, vjob.logreg_params(), keys)
+            party = VerticalLogRegActive(
+                self.name, x, y, vjob.logreg_params(), keys, workers=self._he_workers
+            )
             session.progress = lambda: len(party.history_)
             party.fit(channel, vjob.passives)
             fitted = party
@@ -345,7 +351,9 @@ class VerticalTasks:
         vjob = session.vjob
         insecure = vjob.insecure_keys
         if vjob.model == "secureboost":
-            party: Any = PassiveParty(self.name, x, allow_insecure_keys=insecure)
+            party: Any = PassiveParty(
+                self.name, x, allow_insecure_keys=insecure, workers=self._he_workers
+            )
         else:
             party = VerticalLogRegPassive(self.name, x, allow_insecure_keys=insecure)
         if x_test.shape[0]:
@@ -484,4 +492,5 @@ def participant_vertical_tasks(
         models_dir=models_dir(config),
         store=pipeline.store,
         published=client.relay_keys,
+        he_workers=config.he_workers,
     )

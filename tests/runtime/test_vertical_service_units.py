@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from cdp_federated.coordinator.jobs import job_from_dict
 from cdp_federated.coordinator.vertical_runner import check_vertical_participants
@@ -227,3 +228,25 @@ def test_a_restarted_coordinator_fails_a_running_vertical_job_cleanly(tmp_path):
         assert record.error["error"] == "TrainingError" and "resume" in record.error["message"]
     finally:
         store.dispose()
+
+
+def test_he_workers_is_a_checked_participant_setting(tmp_path):
+    from cdp_federated.participant.runner import load_participant_config
+
+    base = {
+        "participant_id": "shop",
+        "coordinator_url": "http://127.0.0.1:1",
+        "store": "shop.sqlite",
+        "connector": {"type": "csv", "path": "shop.csv"},
+        "policy": "policy.yaml",
+        "audit_key": "shop-audit.key",
+    }
+    path = tmp_path / "participant.yaml"
+    path.write_text(yaml.safe_dump({**base, "he_workers": 2}))
+    assert load_participant_config(path).he_workers == 2
+    path.write_text(yaml.safe_dump(base))
+    assert load_participant_config(path).he_workers == 1  # one process unless asked
+    path.write_text(yaml.safe_dump({**base, "he_workers": 0}))
+    with pytest.raises(ConfigError) as info:
+        load_participant_config(path)
+    assert info.value.field == "he_workers"
