@@ -35,9 +35,15 @@ def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+_SUBMISSION_KEYS = ("participants", "options")
+
+
 def load_job_file(path: Path, participant: str | None) -> tuple[JobSpec, Any]:
     """A job file: the JobSpec fields plus a ``context:`` mapping of DecisionContext fields.
-    ``participant`` (``--participant``) overrides ``context.participant``."""
+    ``participant`` (``--participant``) overrides ``context.participant``. The submission keys of
+    ``cdp-fl job submit`` (``participants``, ``options``) are accepted and ignored, so the file
+    that will be submitted can be checked as it is. A vertical job is decided with identity
+    method ``psi`` (``params.align``), as each party decides it."""
     from ..governance.engine import DecisionContext
 
     try:
@@ -51,7 +57,7 @@ def load_job_file(path: Path, participant: str | None) -> tuple[JobSpec, Any]:
     if not isinstance(data, dict):
         raise ConfigError("job file must be a mapping", field="--job", value=str(path))
     job_keys = {f.name for f in fields(JobSpec)}
-    unknown = sorted(set(data) - job_keys - {"context"})
+    unknown = sorted(set(data) - job_keys - {"context", *_SUBMISSION_KEYS})
     if unknown:
         raise ConfigError(
             f"unknown job key(s): {', '.join(unknown)}",
@@ -59,13 +65,15 @@ def load_job_file(path: Path, participant: str | None) -> tuple[JobSpec, Any]:
             value=unknown[0],
             fix=f"use the JobSpec fields ({', '.join(sorted(job_keys))}) and context",
         )
+    if "participants" in data:  # a submission file: the coordinator assigns the id
+        data.setdefault("job_id", f"{path.stem}-check")
     required = {
         f.name for f in fields(JobSpec) if f.default is MISSING and f.default_factory is MISSING
     }
     missing = sorted(k for k in required if k not in data)
     if missing:
         raise ConfigError(f"job file lacks {', '.join(missing)}", field="--job", value=str(path))
-    spec = {k: v for k, v in data.items() if k != "context"}
+    spec = {k: v for k, v in data.items() if k not in ("context", *_SUBMISSION_KEYS)}
     spec["features"] = tuple(spec.get("features") or ())
     spec["params"] = dict(spec.get("params") or {})
     job = JobSpec(**spec)
@@ -79,6 +87,8 @@ def load_job_file(path: Path, participant: str | None) -> tuple[JobSpec, Any]:
             fix="pass --participant NAME or set context.participant in the job file",
         )
     context.setdefault("now", datetime.now(UTC))
+    if job.kind == "vertical":
+        context.setdefault("identity_method", job.params.get("align", "psi"))
     return job, DecisionContext.from_dict(context)
 
 

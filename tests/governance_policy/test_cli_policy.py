@@ -164,3 +164,35 @@ def test_a_job_file_without_participant_needs_the_option(monkeypatch, capsys, tm
     assert code == 2 and "--participant" in err
     code, _, _ = run(monkeypatch, capsys, INTERNAL, "--job", str(job), "--participant", "uk")
     assert code == 0
+
+
+def test_the_vertical_submission_file_is_checked_as_a_party_decides_it(
+    monkeypatch, capsys, tmp_path
+):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "vertical"
+    submission = yaml.safe_load((example / "job.yaml").read_text())
+    assert {"participants", "options"} <= set(submission)  # as `cdp-fl job submit` takes it
+    job = tmp_path / "job.yaml"
+    context = {"coordinator_region": "EU", "output_use": "scoring"}
+    job.write_text(yaml.safe_dump({**submission, "context": context}))
+    policy = str(example / "policy.yaml")
+    code, out, err = run(
+        monkeypatch, capsys, policy, "--job", str(job), "--participant", "brand", "--json"
+    )
+    assert code == 0, err
+    decision = json.loads(out)
+    assert decision["allow"] is True
+    identity = next(r for r in decision["reasons"] if r["rule"] == "identity.methods")
+    assert identity["ok"] and "psi" in identity["message"]
+    # a party's policy that does not permit PSI refuses the same job for that reason
+    strict = tmp_path / "policy.yaml"
+    document = yaml.safe_load((example / "policy.yaml").read_text())
+    document["identity"] = {"methods": []}  # no record linkage permitted at all
+    strict.write_text(yaml.safe_dump(document))
+    code, out, _ = run(
+        monkeypatch, capsys, str(strict), "--job", str(job), "--participant", "brand", "--json"
+    )
+    failed = [r["rule"] for r in json.loads(out)["reasons"] if not r["ok"]]
+    assert code == 1 and failed == ["identity.methods"]
