@@ -272,6 +272,9 @@ def run_horizontal(
         stopped = _load_stopper(stopper, resume.runner_state)
         excluded = dict(resume.runner_state.get("excluded", {}))
         first_round = job.rounds + 1 if stopped else resume.round + 1
+        if secagg is not None and resume.runner_state.get("compression_scale") is not None:
+            # the shared quantisation scale measured last round: no uncompressed round again
+            secagg.compression_scale = float(resume.runner_state["compression_scale"])
     else:
         if on_checkpoint is not None:
             on_checkpoint(
@@ -332,7 +335,11 @@ def run_horizontal(
                     train_rows,
                     strategy,
                     history,
-                    runner_state={"excluded": excluded, **_stopper_state(stopper, stop)},
+                    runner_state={
+                        "excluded": excluded,
+                        **_stopper_state(stopper, stop),
+                        **_secagg_state(secagg),
+                    },
                 ),
                 record,
             )
@@ -510,6 +517,12 @@ def _checkpoint(
         tuple(history),
         dict(runner_state or {}),
     )
+
+
+def _secagg_state(secagg: Any) -> dict[str, Any]:
+    """Secure aggregation's state after a round: the compression scale it announces next."""
+    scale = getattr(secagg, "compression_scale", None)
+    return {} if scale is None else {"compression_scale": float(scale)}
 
 
 def _stopper_state(stopper: EarlyStopping | None, stopped: bool) -> dict[str, Any]:

@@ -154,6 +154,31 @@ def test_a_first_round_scale_compresses_from_round_one(parties):
     assert all(m.masked.dtype == np.uint8 for m in masked_replies(frames))
 
 
+def test_a_resumed_job_keeps_the_measured_scale(parties):
+    from cdp_federated.coordinator.checkpoint import decode_checkpoint, encode_checkpoint
+
+    job = make_job(rounds=3, secure_aggregation=True, compression="int8")
+    stored: list = []
+    run_horizontal(
+        job,
+        InProcessTransport(with_secure_aggregation(handlers(parties))),
+        on_checkpoint=lambda checkpoint, record: stored.append(encode_checkpoint(checkpoint)),
+    )
+    after_round_1 = decode_checkpoint(stored[1])  # stored[0] is the job's start
+    assert after_round_1.runner_state["compression_scale"] > 0
+    frames: list = []
+    run_horizontal(  # a coordinator restarted after round 1
+        job,
+        InProcessTransport(
+            with_secure_aggregation(handlers(parties)), recorder=lambda *f: frames.append(f)
+        ),
+        resume=after_round_1,
+    )
+    masked = masked_replies(frames)
+    assert len(masked) == 3 * 2  # rounds 2 and 3, both already compressed: no relearning round
+    assert all(m.masked.dtype == np.uint8 for m in masked)
+
+
 def test_top_k_and_bad_scales_are_refused_with_secure_aggregation():
     with pytest.raises(ConfigError, match="top-k"):
         from_params("j", {"secure_aggregation": True, "compression": "topk:10"}, FedAvg())
