@@ -12,6 +12,7 @@ from cdp_federated.errors import (
     ConfigError,
     NoTrainingDataError,
     SchemaMismatchError,
+    SetupRequiredError,
     TrainingError,
 )
 from cdp_federated.federation import InProcessTransport, decode
@@ -338,8 +339,8 @@ def test_participants_refuse_requests_out_of_order_or_without_bins():
     job = make_job().to_dict()
     level = {"job": job, "seed": 1, "base_score": 0.0, "features": np.arange(4)}
     no_bins = GBMHistogramIns(tree=0, depth=0, build_nodes=np.array([0]), **level)
-    with pytest.raises(TrainingError, match="no bins agreed"):
-        agent.handle(no_bins)
+    with pytest.raises(SetupRequiredError, match="holds no training state"):
+        agent.handle(no_bins)  # the coordinator then sends a catch-up (tests/test_gbm_restart.py)
     edges = {"edges": np.array([10.0, 20.0, 1.0, 2.0, 50.0]), "edge_counts": np.array([2, 0, 2, 1])}
     first = GBMHistogramIns(tree=0, depth=0, build_nodes=np.array([0]), **level, **edges)
     reply = agent.handle(first)

@@ -16,7 +16,10 @@ The coordinator sees each participant's summaries and per-node histograms (not o
 unless ``params.secure_aggregation`` is set: then each level's histograms are summed through
 secure aggregation (:mod:`cdp_federated.privacy.secagg_gbm`) and only the sum is seen; it never
 sees a row, a per-row gradient or an identifier. A participant failing during training stops the job (histogram
-subtraction needs every party's histograms at every level).
+subtraction needs every party's histograms at every level), except a participant that restarted
+and lost its state: it answers ``SetupRequiredError``, gets a catch-up (the edges, base score and
+the model so far, :class:`~cdp_federated.federation.messages.GBMCatchUpIns`) and the level is
+asked of it again, once (through secure aggregation, the level's whole sum is run again).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from ..errors import (
 )
 from ..federation.messages import (
     Failure,
+    GBMCatchUpIns,
+    GBMCatchUpRes,
     GBMEvaluateIns,
     GBMEvaluateRes,
     GBMHistogramIns,
@@ -58,11 +63,12 @@ from ..learning.gbm import (
     merge_sketches,
 )
 from ..learning.gbm.binning import pack_edges
+from ..learning.gbm.catchup import ModelSoFar
 from ..learning.gbm.draws import fresh_seed
 from ..learning.gbm.loss import base_score as pooled_base_score
 from ..learning.metrics import accuracy_from_histograms, mean_log_loss, roc_auc_from_histograms
 from ..privacy.dp_gbm import gbm_histogram_dp
-from ..privacy.secagg_gbm import histograms_from_params
+from ..privacy.secagg_gbm import SecureHistograms, histograms_from_params
 from .stages import as_failure, ask_all, raise_failure
 
 __all__ = ["GBMEvaluation", "GBMResult", "run_horizontal_gbm"]
@@ -186,16 +192,43 @@ def run_horizontal_gbm(
     edges = [bin_edges(merge_sketches(per_party), params.max_bins) for per_party in sketches]
     base = pooled_base_score(params.objective, sum(label_sums.values()), sum(counts.values()))
     seed = params.seed if params.seed is not None else fresh_seed()
+    if secure is not None:
+        # Every participant is needed at every level anyway: with all of them as the threshold
+        # a level sums everyone or aborts before anything is unmasked, so a restarted one can be
+        # caught up and the level run again without a partial sum to subtract.
+        secure.threshold = len(trained)
     if pm is not None:
         pm.hook.cdp_job_started(job=job, participants=list(trained))
 
     history: list[TreeRecord] = []
     flat_edges, edge_counts = pack_edges(edges)
     first = [True]
+    so_far = ModelSoFar()  # what a restarted participant needs to catch up
 
     def ask(step: Step) -> tuple[np.ndarray, np.ndarray]:
         extra = {"edges": flat_edges, "edge_counts": edge_counts} if first[0] else {}
         first[0] = False
+        so_far.record(step)
+
+        def catch_up(names: list[str]) -> None:
+            message = GBMCatchUpIns(
+                job=wire_job,
+                tree=step.tree,
+                depth=step.depth,
+                seed=seed,
+                base_score=base,
+                edges=flat_edges,
+                edge_counts=edge_counts,
+                **so_far.arrays(),
+            )
+            answers = ask_all(transport, dict.fromkeys(names, message))
+            for name in names:
+                reply = answers[name]
+                where = (step.tree, step.depth)
+                if not (isinstance(reply, GBMCatchUpRes) and (reply.tree, reply.depth) == where):
+                    wanted = f"gbm_catch_up_res for tree {step.tree} depth {step.depth}"
+                    raise_failure(as_failure(name, message, reply, wanted))
+
         request = GBMHistogramIns(
             job=wire_job,
             tree=step.tree,
@@ -212,9 +245,9 @@ def run_horizontal_gbm(
             **extra,
         )
         if secure is None:
-            grad, hess = _sum_histograms(transport, trained, request, params.max_bins)
+            grad, hess = _sum_histograms(transport, trained, request, params.max_bins, catch_up)
         else:
-            grad, hess = secure.sum(transport, counts, request, params.max_bins)
+            grad, hess = _secure_sum(secure, transport, counts, request, params.max_bins, catch_up)
         return (grad, hess) if histogram_dp is None else histogram_dp.noisy(grad, hess)
 
     def tree_done(record: TreeRecord) -> None:
@@ -311,12 +344,29 @@ def _valid_sketch(reply: Message, d: int) -> bool:
     )
 
 
+def _lost_state(answers: Mapping[str, str]) -> list[str]:
+    """The participants whose answer (``error_type: message`` or a secure-aggregation drop
+    reason ``stage: error_type: message``) says they restarted and lost the job's state."""
+    return sorted(
+        name for name, why in answers.items() if "SetupRequiredError" in why.split(": ")[:2]
+    )
+
+
 def _sum_histograms(
-    transport: Transport, participants: list[str], request: GBMHistogramIns, bins: int
+    transport: Transport,
+    participants: list[str],
+    request: GBMHistogramIns,
+    bins: int,
+    catch_up: Callable[[list[str]], None],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every participant's histograms of ``request.build_nodes``, summed; any failure stops."""
+    """Every participant's histograms of ``request.build_nodes``, summed; any failure stops,
+    but one that lost its state is caught up and asked once more."""
     shape = (request.build_nodes.size, request.features.size, bins)
     answers = ask_all(transport, dict.fromkeys(participants, request))
+    lost = _lost_state({n: a.error_type for n, a in answers.items() if isinstance(a, Failure)})
+    if lost:
+        catch_up(lost)
+        answers.update(ask_all(transport, dict.fromkeys(lost, request)))
     grad, hess = np.zeros(shape), np.zeros(shape)
     for name in participants:
         reply = answers[name]
@@ -332,6 +382,53 @@ def _sum_histograms(
         grad += reply.grad
         hess += reply.hess
     return grad, hess
+
+
+def _secure_sum(
+    secure: SecureHistograms,
+    transport: Transport,
+    rows: Mapping[str, int],
+    request: GBMHistogramIns,
+    bins: int,
+    catch_up: Callable[[list[str]], None],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The level through secure aggregation; when participants dropped out because they lost
+    their state, they are caught up and the whole aggregation runs once more (a fresh session:
+    the others answer the level again with the same histograms, under new masks)."""
+    outcome = _secure_attempt(secure, transport, rows, request, bins)
+    if isinstance(outcome, dict) and (lost := _lost_state(outcome)):
+        catch_up(lost)
+        outcome = _secure_attempt(secure, transport, rows, request, bins)
+    if isinstance(outcome, dict):
+        gone = "; ".join(f"{n}: {why}" for n, why in sorted(outcome.items())[:3])
+        raise TrainingError(
+            f"GBM needs every participant's histograms at every level; {len(outcome)} dropped "
+            f"out of tree {request.tree} depth {request.depth} ({gone})",
+            field="participants",
+            value=sorted(outcome),
+            fix="check the participants' errors and rerun the job",
+        )
+    return outcome
+
+
+def _secure_attempt(
+    secure: SecureHistograms,
+    transport: Transport,
+    rows: Mapping[str, int],
+    request: GBMHistogramIns,
+    bins: int,
+) -> tuple[np.ndarray, np.ndarray] | dict[str, str]:
+    """The level's sum, or who dropped out (and why) when it aborted before anything was
+    unmasked. A failure after a sum was revealed is raised as it is: a rerun would let the
+    coordinator subtract the two sums."""
+    secure.last = None
+    try:
+        return secure.sum(transport, rows, request, bins)
+    except TrainingError as exc:
+        dropped = exc.context.get("dropped")
+        if secure.last is not None or not dropped:
+            raise
+        return dict(dropped)
 
 
 def _evaluate(

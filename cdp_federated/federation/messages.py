@@ -39,6 +39,8 @@ __all__ = [
     "GBMSketchRes",
     "GBMHistogramIns",
     "GBMHistogramRes",
+    "GBMCatchUpIns",
+    "GBMCatchUpRes",
     "GBMEvaluateIns",
     "GBMEvaluateRes",
     "QuantisedFitRes",
@@ -400,6 +402,57 @@ class GBMHistogramRes(Message):
     nodes: np.ndarray
     grad: np.ndarray
     hess: np.ndarray
+
+
+@register(
+    "gbm_catch_up_ins",
+    version=1,
+    arrays={
+        "edges": FLOAT,
+        "edge_counts": INTEGER,
+        "split_counts": INTEGER,
+        "split_nodes": INTEGER,
+        "split_features": INTEGER,
+        "split_bins": INTEGER,
+        "leaf_counts": INTEGER,
+        "leaf_nodes": INTEGER,
+        "leaf_values": FLOAT,
+    },
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMCatchUpIns(Message):
+    """Rebuild a restarted participant's training state for the job's histogram request at
+    ``tree``/``depth``: the bin ``edges`` and ``base_score`` of the first request, and the model
+    so far in heap form, nothing per row. Tree ``t`` (``t < tree`` finished, ``t == tree`` the
+    current one) has ``split_counts[t]`` splits, the next ones in ``split_*``; finished tree
+    ``t`` has ``leaf_counts[t]`` leaves in ``leaf_*``. The participant re-reads its rows, replays
+    the trees, draws the current tree's rows from ``seed`` and applies its splits, then answers
+    :class:`GBMCatchUpRes`; the level's own request follows (answered as a repeat)."""
+
+    job: dict[str, Any]
+    tree: int
+    depth: int
+    seed: int
+    base_score: float
+    edges: np.ndarray
+    edge_counts: np.ndarray
+    split_counts: np.ndarray
+    split_nodes: np.ndarray
+    split_features: np.ndarray
+    split_bins: np.ndarray
+    leaf_counts: np.ndarray
+    leaf_nodes: np.ndarray
+    leaf_values: np.ndarray
+
+
+@register("gbm_catch_up_res", version=1)
+@dataclasses.dataclass(frozen=True, eq=False)
+class GBMCatchUpRes(Message):
+    """The participant holds the state for ``tree``/``depth`` again (no histograms: under
+    secure aggregation those only ever leave masked)."""
+
+    tree: int
+    depth: int
 
 
 @register(

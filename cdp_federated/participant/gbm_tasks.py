@@ -8,9 +8,14 @@ mean); GBM has no missing-value bin of its own.
 Per job the participant keeps its binned training rows (uint8 codes), each row's margin and,
 for the tree being grown, the node each row sits in. It checks that requests arrive in order
 (each level after the previous, each tree after the last) and re-applies the consent gate at the
-start of every tree: a revoked row leaves training from the next tree on. Replies carry summaries,
-histograms (nodes x features x bins) and aggregate metrics, never a row, a per-row gradient or an
-identifier.
+start of every tree: a revoked row leaves training from the next tree on. A participant that
+restarted holds none of this: it answers a histogram request with ``SetupRequiredError`` and is
+sent a catch-up (edges, base score, the model so far) from which it rebuilds the same state on
+its rows, read through the gate again (:mod:`cdp_federated.learning.gbm.catchup`); a repeated
+level is answered from the state as it is.
+
+Replies carry summaries, histograms (nodes x features x bins) and aggregate metrics, never a row,
+a per-row gradient or an identifier.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, SetupRequiredError, TrainingError
 from ..federation.messages import (
+    GBMCatchUpIns,
+    GBMCatchUpRes,
     GBMEvaluateIns,
     GBMEvaluateRes,
     GBMHistogramIns,
@@ -33,13 +40,14 @@ from ..federation.messages import (
 from ..jobs import JobSpec
 from ..learning.gbm import LocalBooster, Step, TreeEnsemble, apply_step, bin_codes, sketch_columns
 from ..learning.gbm.binning import unpack_edges
+from ..learning.gbm.catchup import replay
 from ..learning.gbm.loss import link_inverse, loss_sum
 from ..learning.gbm.params import MAX_BINS_LIMIT, GBMParams
 from ..learning.metrics import score_histograms
 
 __all__ = ["GBM_REQUESTS", "serve_gbm", "gbm_objective"]
 
-GBM_REQUESTS = (GBMSketchIns, GBMHistogramIns, GBMEvaluateIns)
+GBM_REQUESTS = (GBMSketchIns, GBMHistogramIns, GBMCatchUpIns, GBMEvaluateIns)
 MAX_SKETCH_SIZE = 65_536
 
 
@@ -84,6 +92,8 @@ def serve_gbm(agent, message: Message) -> Message:
         return _sketch(agent, job, params, message)
     if isinstance(message, GBMHistogramIns):
         return _histograms(agent, job, params, message)
+    if isinstance(message, GBMCatchUpIns):
+        return _catch_up(agent, job, params, message)
     return _evaluate(agent, job, message)
 
 
@@ -120,11 +130,20 @@ def _histograms(
     if message.edge_counts.size:  # the job's first request: bin the training rows
         state = _start(agent, job, params, message)
     elif state is None or state.job != job:
-        raise TrainingError(
-            f"participant {agent.name!r}: no bins agreed for job {job.job_id!r}",
-            field="edges",
-            fix="the coordinator must send the bin edges with the job's first histogram request",
+        # Lost with a restart: the coordinator answers with a catch-up (GBMCatchUpIns).
+        raise SetupRequiredError(
+            f"participant {agent.name!r} holds no training state for GBM job {job.job_id!r} "
+            f"(tree {message.tree}, depth {message.depth}): it restarted since the job began",
+            field="job",
+            value=job.job_id,
+            fix="send a gbm_catch_up_ins with the edges and the model so far, then this request",
         )
+    elif (message.tree, message.depth) == state.position:
+        # The level again (after a catch-up, a secure-aggregation retry or a redelivery): its
+        # splits and leaves are applied already, so only the histograms are computed again.
+        step = _step(agent, state, message)
+        grad, hess = state.booster.histograms(step.build, step.features)
+        return GBMHistogramRes(message.tree, message.depth, step.build, grad, hess)
     else:
         _check_order(agent, state, message)
         if message.depth == 0:
@@ -138,6 +157,21 @@ def _histograms(
 
 
 def _start(agent, job: JobSpec, params: GBMParams, message: GBMHistogramIns) -> _Training:
+    if message.tree != 0 or message.depth != 0:
+        raise TrainingError(
+            f"participant {agent.name!r}: bins must come with tree 0, depth 0",
+            field="tree",
+            value=[message.tree, message.depth],
+        )
+    state = _training(agent, job, params, message)
+    _STATE[agent] = state
+    return state
+
+
+def _training(
+    agent, job: JobSpec, params: GBMParams, message: GBMHistogramIns | GBMCatchUpIns
+) -> _Training:
+    """Fresh state: the job's training rows (through the consent gate, now), binned."""
     data = agent._gated(job, "train")
     d = data.x.shape[1]
     try:
@@ -156,12 +190,6 @@ def _start(agent, job: JobSpec, params: GBMParams, message: GBMHistogramIns) -> 
             value=len(edges),
             fix="participants and coordinator must use the same job features and max_bins",
         )
-    if message.tree != 0 or message.depth != 0:
-        raise TrainingError(
-            f"participant {agent.name!r}: bins must come with tree 0, depth 0",
-            field="tree",
-            value=[message.tree, message.depth],
-        )
     booster = LocalBooster(
         bin_codes(data.x, edges),
         data.y,
@@ -170,9 +198,72 @@ def _start(agent, job: JobSpec, params: GBMParams, message: GBMHistogramIns) -> 
         n_bins=params.max_bins,
         max_depth=params.max_depth,
     )
-    state = _Training(job, params, booster, data.ids.copy(), d, position=(0, -1))
+    return _Training(job, params, booster, data.ids.copy(), d, position=(0, -1))
+
+
+def _catch_up(agent, job: JobSpec, params: GBMParams, message: GBMCatchUpIns) -> GBMCatchUpRes:
+    """Rebuild the state of a participant that restarted mid-job (see ``GBMCatchUpIns``). Its
+    rows are read through the consent gate now: revocations since the job began apply at once."""
+    tree, depth = message.tree, message.depth
+    if not (0 <= tree < params.n_trees and 0 <= depth < params.max_depth):
+        raise TrainingError(
+            f"participant {agent.name!r}: catch-up to tree {tree} depth {depth} is outside the "
+            f"job's {params.n_trees} trees of depth {params.max_depth}",
+            field="tree",
+            value=[tree, depth],
+            fix="coordinator bug",
+        )
+    counts = (
+        ("split_counts", message.split_counts, tree + 1, message.split_nodes.size),
+        ("leaf_counts", message.leaf_counts, tree, message.leaf_nodes.size),
+    )
+    for name, array, length, total in counts:
+        if array.shape != (length,) or (array < 0).any() or int(array.sum()) != total:
+            raise TrainingError(
+                f"participant {agent.name!r}: {name} must hold {length} counts summing to {total}",
+                field=name,
+                value=array.shape,
+                fix="coordinator bug: one count per tree, matching the flat arrays",
+            )
+    state = _training(agent, job, params, message)
+    d, table = state.n_features, state.booster.table_size
+    checks = (
+        ("split_nodes", message.split_nodes, table, message.split_nodes.size),
+        ("split_features", message.split_features, d, message.split_nodes.size),
+        ("split_bins", message.split_bins, params.max_bins - 1, message.split_nodes.size),
+        ("leaf_nodes", message.leaf_nodes, table, message.leaf_nodes.size),
+        ("leaf_values", message.leaf_values, None, message.leaf_nodes.size),
+    )
+    for name, array, bound, size in checks:
+        bad = array.ndim != 1 or array.size != size
+        if not bad and bound is not None and array.size:
+            bad = bool(array.min() < 0 or array.max() >= bound)
+        if bad:
+            raise TrainingError(
+                f"participant {agent.name!r}: catch-up {name} malformed or out of range",
+                field=name,
+                value=array.shape,
+                fix="coordinator bug: node ids, features and bins must fit the job",
+            )
+    replay(
+        state.booster,
+        tree=tree,
+        split_counts=message.split_counts.astype(np.int64),
+        splits=(
+            message.split_nodes.astype(np.int64),
+            message.split_features.astype(np.int64),
+            message.split_bins.astype(np.int64),
+        ),
+        leaf_counts=message.leaf_counts.astype(np.int64),
+        leaves=(message.leaf_nodes.astype(np.int64), message.leaf_values),
+        seed=message.seed,
+        party=agent.name,
+        subsample=params.subsample,
+        max_depth=params.max_depth,
+    )
+    state.position = (tree, depth)
     _STATE[agent] = state
-    return state
+    return GBMCatchUpRes(tree, depth)
 
 
 def _check_order(agent, state: _Training, message: GBMHistogramIns) -> None:

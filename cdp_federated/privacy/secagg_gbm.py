@@ -2,7 +2,9 @@
 participants' gradient/hessian histograms of each tree level, never one participant's.
 
 Enabled per job by ``params.secure_aggregation``: ``true``, or a mapping with ``threshold``
-(default: a majority) and, for regression, ``gradient_bound`` (the largest ``|gradient|`` of a
+(the GBM driver raises it to every participant: a level needs all of them anyway, and a level
+rerun after a participant restart must not follow an unmasked partial sum, which the coordinator
+could subtract) and, for regression, ``gradient_bound`` (the largest ``|gradient|`` of a
 row; binary log-loss gradients are within 1 and hessians within 1/4 by construction). Each
 level's request (:class:`~cdp_federated.federation.messages.GBMHistogramIns`) is the inner task
 of one :func:`~.secagg_rounds.secure_sum`; participants answer with
