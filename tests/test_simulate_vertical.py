@@ -241,3 +241,21 @@ def test_a_crashing_passive_party_fails_the_run_fast_with_its_error(monkeypatch,
     train, test, *_ = files
     with pytest.raises(RuntimeError, match="disk full at the brand"):
         call(train, test)
+
+
+def test_the_issues_model_names_gbm_and_linear(monkeypatch, capfd, files):
+    train, test, *_ = files
+    keys = ("--insecure-test-keys", "--he", "ou", "--json")
+    code, out, err = run(monkeypatch, capfd, *args(train, test, "--model", "linear", *keys))
+    assert code == 0, err
+    linear = json.loads(out)
+    # vertical linear regression: RMSE, and the same descent as on the joined rows
+    assert {"rmse", "centralized_rmse", "label_party_only_rmse"} <= set(linear)
+    assert "auc" not in linear
+    assert abs(linear["rmse"] - linear["centralized_rmse"]) < 1e-3
+    code, out, err = run(monkeypatch, capfd, *args(train, test, "--model", "gbm", *keys))
+    assert code == 0, err
+    assert "auc" in json.loads(out)  # gbm is SecureBoost, binary by default
+    bad = ("--model", "linear", "--objective", "binary", "--insecure-test-keys")
+    code, _, err = run(monkeypatch, capfd, *args(train, test, *bad))
+    assert code == 2 and "--objective" in err and "Traceback" not in err

@@ -209,6 +209,23 @@ def _named_files(values: list[str], option: str) -> dict[str, Path]:
     return files
 
 
+def _vertical_model(model: str, objective: str | None) -> tuple[str, str]:
+    """The issue's names for the vertical models: ``gbm`` is SecureBoost; ``linear`` is the
+    vertical linear model, i.e. ``logreg`` with the regression objective."""
+    if model == "gbm":
+        return "secureboost", objective or "binary"
+    if model == "linear":
+        if objective not in (None, "regression"):
+            raise ConfigError(
+                "--model linear is a regression model",
+                field="--objective",
+                value=objective,
+                fix="drop --objective, or use --model logreg for a binary label",
+            )
+        return "logreg", "regression"
+    return model, objective or "binary"
+
+
 @simulate_app.command("vertical")
 def simulate_vertical_command(
     party: Annotated[
@@ -222,8 +239,17 @@ def simulate_vertical_command(
     test_party: Annotated[
         list[str], typer.Option("--test-party", help="NAME=PATH: a party's test file.")
     ],
-    model: Annotated[str, typer.Option("--model", help="secureboost or logreg.")] = "secureboost",
-    objective: Annotated[str, typer.Option("--objective", help="binary or regression.")] = "binary",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="secureboost (or gbm), logreg, or linear (logreg's regression objective).",
+        ),
+    ] = "secureboost",
+    objective: Annotated[
+        str | None,
+        typer.Option("--objective", help="binary or regression (linear: regression)."),
+    ] = None,
     align_method: Annotated[
         str, typer.Option("--align", help="psi (across organisations) or salted-hash.")
     ] = "psi",
@@ -264,6 +290,7 @@ def simulate_vertical_command(
     scikit-learn on the joined rows and with the label party alone."""
     from ..simulate_vertical import VerticalSettings, native_stdout_to_stderr, simulate_vertical
 
+    model, objective = _vertical_model(model, objective)
     settings = VerticalSettings(
         model=model,
         objective=objective,
