@@ -32,8 +32,10 @@ class Restarting:
     """Handlers for every party; ``victim`` is replaced by a fresh agent (nothing kept: a
     process restart) just before it gets the histogram request for ``at`` = (tree, depth)."""
 
-    def __init__(self, parties, *, victim="uk", at=None, consent_gate=None, secure=False):
-        self.parties, self.victim, self.at = parties, victim, at
+    def __init__(
+        self, parties, *, victim="uk", at=None, consent_gate=None, secure=False, stage="advertise"
+    ):
+        self.parties, self.victim, self.at, self.stage = parties, victim, at, stage
         self.consent_gate, self.secure = consent_gate, secure
         self.channels = in_process_channels(parties) if secure else None
         self.restarts = 0
@@ -60,12 +62,12 @@ class Restarting:
     def transport(self, recorder=None) -> InProcessTransport:
         def handle(message, name):
             inner = self._inner(message)
-            if (
-                name == self.victim
-                and isinstance(inner, GBMHistogramIns)
-                and (inner.tree, inner.depth) == self.at
-                and not self.restarts
-            ):
+            if self.stage == "advertise":
+                due = isinstance(inner, GBMHistogramIns) and (inner.tree, inner.depth) == self.at
+            else:  # a later stage of the level's secure aggregation: the session names the level
+                level = f"/tree-{self.at[0]}/depth-{self.at[1]}/"
+                due = getattr(message, "stage", None) == self.stage and level in message.session
+            if name == self.victim and due and not self.restarts:
                 self.restarts += 1
                 self.handlers[name] = self._fresh(name)
             if self.broken_catch_up and isinstance(message, GBMCatchUpIns):
@@ -138,7 +140,10 @@ def test_the_catch_up_carries_the_model_and_edges_nothing_per_row():
     assert set(message.job) == set(job.to_dict())  # the job spec, as every request carries
 
 
-def test_secure_aggregation_reruns_the_level_after_the_catch_up():
+@pytest.mark.parametrize("stage", ["advertise", "share", "mask"])
+def test_secure_aggregation_reruns_the_level_after_the_catch_up(stage):
+    # advertise: restarted before the level began; share/mask: after it advertised in the
+    # level's session (the new process has no secret of it), before anything was unmasked
     parties = make_parties()
     job = make_job(rounds=3, secure_aggregation=True)
     plain: list = []
@@ -146,7 +151,7 @@ def test_secure_aggregation_reruns_the_level_after_the_catch_up():
         job, Restarting(parties, secure=True).transport(lambda *f: plain.append(f))
     )
     frames: list = []
-    restarting = Restarting(parties, at=(1, 1), secure=True)
+    restarting = Restarting(parties, at=(1, 1), secure=True, stage=stage)
     result = run_horizontal_gbm(job, restarting.transport(lambda *f: frames.append(f)))
     assert restarting.restarts == 1
     assert_identical(result, reference)  # fixed point: the same sums, whatever the masks

@@ -344,11 +344,19 @@ def _valid_sketch(reply: Message, d: int) -> bool:
     )
 
 
+# A participant asked for a later stage of a secure aggregation it has no session for was
+# restarted after advertising (the server only asks those who advertised): it lost its GBM
+# state too. The level aborts before unmasking (the threshold is everyone), so a rerun is safe.
+_NO_SESSION = "ProtocolError: no secure aggregation in progress"
+
+
 def _lost_state(answers: Mapping[str, str]) -> list[str]:
     """The participants whose answer (``error_type: message`` or a secure-aggregation drop
     reason ``stage: error_type: message``) says they restarted and lost the job's state."""
     return sorted(
-        name for name, why in answers.items() if "SetupRequiredError" in why.split(": ")[:2]
+        name
+        for name, why in answers.items()
+        if "SetupRequiredError" in why.split(": ")[:2] or _NO_SESSION in why
     )
 
 
