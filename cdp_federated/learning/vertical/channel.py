@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import numpy as np
+
 from ...errors import CDPFederatedError, ProtocolError, TrainingError, TransportError
 from .messages import VERTICAL_CODEC, Failure
 
@@ -94,3 +96,32 @@ def receive_reply(channel: PartyChannel, sender: str, kind: type, session: str) 
             fix=f"expected {kind.__name__}",
         )
     return reply
+
+
+def dispatch(party: Any, message: object, handlers: dict, setup_type: type, refuse: Any) -> Any:
+    """A passive party's stage machine step: ``handlers`` maps a message type to (the stages it
+    is allowed in, ``"a|b"``, and its handler); every message but the setup must carry the
+    party's session. ``refuse(message, field, value)`` builds the party's typed error."""
+    entry = handlers.get(type(message))
+    if entry is None:
+        raise refuse("unexpected message type", "type", type(message).__name__)
+    stages, handler = entry
+    if party.stage not in stages.split("|"):
+        raise refuse(
+            f"{type(message).__name__} is out of order in stage {party.stage!r}",
+            "stage",
+            party.stage,
+        )
+    if not isinstance(message, setup_type) and message.session != party.session:
+        raise refuse("message for another session", "session", message.session)
+    return handler(message)
+
+
+def scoring_rows(features: Any, width: int) -> np.ndarray:
+    """Rows to score, checked against the training columns' count."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != width or not np.isfinite(x).all():
+        raise TrainingError(
+            "scoring features must match the training columns", field="features", value=x.shape
+        )
+    return x

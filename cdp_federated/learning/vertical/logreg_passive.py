@@ -28,6 +28,7 @@ import numpy as np
 
 from ...crypto.he import CipherVector, HEPublicKey, load_public_key
 from ...errors import ProtocolError, TrainingError
+from .channel import dispatch, scoring_rows
 from .logreg_messages import (
     LRFinish,
     LRLogits,
@@ -100,28 +101,11 @@ class VerticalLogRegPassive:
             LRFinish: ("idle", self._on_finish),
             LRPredictRequest: ("trained", self._on_predict),
         }
-        entry = handlers.get(type(message))
-        if entry is None:
-            raise _refuse("unexpected message type", "type", type(message).__name__)
-        stage, handler = entry
-        if self.stage != stage:
-            raise _refuse(
-                f"{type(message).__name__} is out of order in stage {self.stage!r}",
-                "stage",
-                self.stage,
-            )
-        if not isinstance(message, LRSetup) and message.session != self.session:
-            raise _refuse("message for another session", "session", message.session)
-        return handler(message)
+        return dispatch(self, message, handlers, LRSetup, _refuse)
 
     def set_scoring_features(self, features: np.ndarray) -> None:
         """Rows to score next, aligned with the active party's (same order)."""
-        x = np.asarray(features, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self._x.shape[1] or not np.isfinite(x).all():
-            raise TrainingError(
-                "scoring features must match the training columns", field="features", value=x.shape
-            )
-        self._scoring = x
+        self._scoring = scoring_rows(features, self._x.shape[1])
 
     def partial_logits(self, features: np.ndarray) -> np.ndarray:
         """``X_k w_k`` on standardised rows: this party's share of the logit."""

@@ -19,6 +19,7 @@ from ...crypto.he import CipherVector, HEPublicKey, load_public_key
 from ...crypto.he_workers import HEWorkers
 from ...errors import ProtocolError, TrainingError
 from .binning import bin_codes, quantile_edges
+from .channel import dispatch, scoring_rows
 from .messages import (
     SBFinish,
     SBGradients,
@@ -88,28 +89,11 @@ class PassiveParty:
             SBFinish: ("idle|growing", self._on_finish),
             SBPredictRequest: ("trained", self._on_predict),
         }
-        entry = handlers.get(type(message))
-        if entry is None:
-            raise _refuse("unexpected message type", "type", type(message).__name__)
-        stages, handler = entry
-        if self.stage not in stages.split("|"):
-            raise _refuse(
-                f"{type(message).__name__} is out of order in stage {self.stage!r}",
-                "stage",
-                self.stage,
-            )
-        if not isinstance(message, SBSetup) and message.session != self.session:
-            raise _refuse("message for another session", "session", message.session)
-        return handler(message)
+        return dispatch(self, message, handlers, SBSetup, _refuse)
 
     def set_scoring_features(self, features: np.ndarray) -> None:
         """Rows to score next, aligned with the active party's (same order)."""
-        x = np.asarray(features, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self._x.shape[1] or not np.isfinite(x).all():
-            raise TrainingError(
-                "scoring features must match the training columns", field="features", value=x.shape
-            )
-        self._scoring = x
+        self._scoring = scoring_rows(features, self._x.shape[1])
 
     # --- training ---------------------------------------------------------------------------------
 
